@@ -1,0 +1,63 @@
+"""Argument checks shared by the public API.
+
+Every check raises ``ValueError`` (or ``TypeError`` for a wrong type) whose message names the
+argument, the value it got and what is allowed, e.g. ``lr=-1.0 is invalid: expected a finite
+number > 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def _fail(name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"{name}={value!r} is invalid: expected {allowed}")
+
+
+def check_real(name: str, value: Any) -> float:
+    """``value`` must be a finite real number (bools are refused); returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{name}={value!r} is invalid: expected a real number, got {type(value).__name__}"
+        )
+    if not math.isfinite(value):
+        raise _fail(name, value, "a finite number")
+    return float(value)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """``value`` must be finite and > 0."""
+    if check_real(name, value) <= 0:
+        raise _fail(name, value, "a finite number > 0")
+    return float(value)
+
+
+def check_non_negative(name: str, value: Any) -> float:
+    """``value`` must be finite and >= 0."""
+    if check_real(name, value) < 0:
+        raise _fail(name, value, "a finite number >= 0")
+    return float(value)
+
+
+def check_unit_interval(name: str, value: Any) -> float:
+    """``value`` must lie in [0, 1)."""
+    if not 0 <= check_real(name, value) < 1:
+        raise _fail(name, value, "a number in [0, 1)")
+    return float(value)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """``value`` must be an int > 0 (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r} is invalid: expected an int, got {type(value).__name__}")
+    if value <= 0:
+        raise _fail(name, value, "an int > 0")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """``value`` must be one of ``choices``."""
+    if value not in choices:
+        raise _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
+    return str(value)

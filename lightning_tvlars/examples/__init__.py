@@ -1,0 +1,1 @@
+"""Runnable examples and the embedded workloads (MNIST-1D)."""

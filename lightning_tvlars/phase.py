@@ -1,0 +1,173 @@
+r"""The time-varying phase :math:`\phi(t)` of TVLARS.
+
+.. math::
+
+    \phi(t) = \frac{1}{\alpha + e^{\lambda (t - d)}} + \gamma_{\min}
+
+``alpha`` sets the ceiling (:math:`\phi \to 1/\alpha + \gamma_{\min}` long before the delay),
+``decay`` (:math:`\lambda`) the steepness, ``delay`` (:math:`d`) the centre of the decay in
+optimizer steps and ``floor`` (:math:`\gamma_{\min}`) the value TVLARS settles to, where it
+behaves like LARS with its trust ratio scaled by ``floor``.
+
+:math:`\phi` is a pure function of the step count, evaluated on the host in float64, so the
+optimizer never reads a device value to get it. It is overflow-safe: where :math:`e^{\lambda(t-d)}`
+would overflow a float64, :math:`\phi` is exactly ``floor``; it is never ``inf`` or ``nan``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from lightning_tvlars._validation import (
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+    check_real,
+)
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from matplotlib.axes import Axes
+
+# exp(x) overflows a float64 for x above log(max float64) ~ 709.78.
+_MAX_EXP_ARG = math.log(2.0**1023 * (2.0 - 2.0**-52))
+
+
+@dataclass(frozen=True, repr=False)
+class SigmoidPhase:
+    """``phi(t) = 1 / (alpha + exp(decay * (t - delay))) + floor``.
+
+    Args:
+        alpha: > 0; the ceiling is ``1 / alpha + floor``.
+        decay: >= 0, the steepness ``lambda`` per optimizer step (0 keeps phi constant).
+        delay: the step at the centre of the decay (any finite number; the authors' code uses -1).
+        floor: >= 0, the value phi decays to (``gamma_min`` in the paper).
+
+    Example:
+        >>> phase = SigmoidPhase(alpha=1.0, decay=0.01, delay=500.0)
+        >>> round(phase(0), 4), phase(500), round(phase(10_000), 6)
+        (0.9933, 0.5, 0.0)
+        >>> SigmoidPhase.from_milestones(half_step=1000, end_step=2000)
+        SigmoidPhase(alpha=1, decay=0.00459512, delay=1000, floor=0)
+    """
+
+    alpha: float = 1.0
+    decay: float = 1e-3
+    delay: float = 0.0
+    floor: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Normalise to floats so that repr, equality and hashing do not depend on int vs float.
+        object.__setattr__(self, "alpha", check_positive("alpha", self.alpha))
+        object.__setattr__(self, "decay", check_non_negative("decay", self.decay))
+        object.__setattr__(self, "delay", check_real("delay", self.delay))
+        object.__setattr__(self, "floor", check_non_negative("floor", self.floor))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{k}={getattr(self, k):.6g}" for k in ("alpha", "decay", "delay", "floor")
+        )
+        return f"SigmoidPhase({fields})"
+
+    def __call__(self, step: float) -> float:
+        """phi at optimizer step ``step`` (0 for the first step), as a Python float."""
+        exponent = self.decay * (float(step) - self.delay)
+        if exponent > _MAX_EXP_ARG:
+            return self.floor
+        return 1.0 / (self.alpha + math.exp(exponent)) + self.floor
+
+    @property
+    def ceiling(self) -> float:
+        """The supremum of phi, reached long before the delay: ``1 / alpha + floor``."""
+        return 1.0 / self.alpha + self.floor
+
+    @property
+    def half_step(self) -> float:
+        """The step where phi is halfway between its ceiling and its floor.
+
+        ``1 / (alpha + e^x) = 1 / (2 alpha)`` gives ``x = ln(alpha)``, so the half step is
+        ``delay + ln(alpha) / decay`` (``inf`` when ``decay == 0``).
+        """
+        if self.decay == 0:
+            return math.inf
+        return self.delay + math.log(self.alpha) / self.decay
+
+    @classmethod
+    def from_milestones(
+        cls,
+        half_step: float,
+        end_step: float,
+        *,
+        decayed_fraction: float = 0.99,
+        alpha: float = 1.0,
+        floor: float = 0.0,
+    ) -> SigmoidPhase:
+        """Build the phase from intent instead of ``decay`` and ``delay``.
+
+        phi is halfway between ceiling and floor at ``half_step`` and has lost
+        ``decayed_fraction`` of the way from ceiling to floor at ``end_step``.
+
+        With ``s = phi - floor`` and ceiling ``1/alpha``, losing a fraction ``q`` means
+        ``1 / (alpha + e^x) = (1 - q) / alpha``, i.e. ``x = ln(alpha q / (1 - q))``. The two
+        milestones then give ``decay = ln(q / (1 - q)) / (end_step - half_step)`` and
+        ``delay = half_step - ln(alpha) / decay``.
+        """
+        half = check_non_negative("half_step", half_step)
+        end = check_real("end_step", end_step)
+        if end <= half:
+            raise ValueError(
+                f"end_step={end_step!r} is invalid: expected a step after half_step={half_step!r}"
+            )
+        q = check_real("decayed_fraction", decayed_fraction)
+        if not 0.5 < q < 1:
+            raise ValueError(
+                f"decayed_fraction={decayed_fraction!r} is invalid: expected a number in (0.5, 1)"
+            )
+        alpha = check_positive("alpha", alpha)
+        decay = math.log(q / (1.0 - q)) / (end - half)
+        return cls(alpha=alpha, decay=decay, delay=half - math.log(alpha) / decay, floor=floor)
+
+    @classmethod
+    def from_training_length(
+        cls,
+        total_steps: int,
+        *,
+        half_fraction: float = 0.5,
+        decayed_fraction: float = 0.99,
+        alpha: float = 1.0,
+        floor: float = 0.0,
+    ) -> SigmoidPhase:
+        """A phase scaled to a run: halfway at ``half_fraction`` of it, decayed by its end."""
+        total = check_positive_int("total_steps", total_steps)
+        frac = check_real("half_fraction", half_fraction)
+        if not 0 <= frac < 1:
+            raise ValueError(
+                f"half_fraction={half_fraction!r} is invalid: expected a number in [0, 1)"
+            )
+        return cls.from_milestones(
+            frac * total, total, decayed_fraction=decayed_fraction, alpha=alpha, floor=floor
+        )
+
+    @classmethod
+    def reference(cls, decay: float) -> SigmoidPhase:
+        """The phase of the authors' code: ``1 / (0.1 + exp(decay * (t + 1)))``."""
+        return cls(alpha=0.1, decay=decay, delay=-1.0, floor=0.0)
+
+    def values(self, steps: int) -> list[float]:
+        """phi at steps ``0 .. steps - 1``."""
+        return [self(t) for t in range(check_positive_int("steps", steps))]
+
+    def plot(self, steps: int, ax: Axes | None = None, **line_kwargs: Any) -> Axes:
+        """Plot phi over ``steps`` optimizer steps with matplotlib; returns the axes."""
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as err:  # pragma: no cover - matplotlib ships with the dependencies
+            raise ImportError("SigmoidPhase.plot needs matplotlib: pip install matplotlib") from err
+        if ax is None:
+            _, ax = plt.subplots(figsize=(5, 3))
+        line_kwargs.setdefault("label", repr(self))
+        ax.plot(range(steps), self.values(steps), **line_kwargs)
+        ax.set_xlabel("optimizer step t")
+        ax.set_ylabel("phi(t)")
+        return ax
