@@ -1,9 +1,28 @@
-"""lightning-tvlars: the TVLARS optimizer (arXiv 2309.14053) for PyTorch and PyTorch Lightning."""
+"""lightning-tvlars: the TVLARS optimizer (arXiv 2309.14053) for PyTorch and PyTorch Lightning.
+
+The optimizer core imports only torch; the Lightning names load Lightning on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from lightning_tvlars.optim import TVLARS, TVLARSStepStats, param_groups, trust_ratio
 from lightning_tvlars.phase import SigmoidPhase
 
 __version__ = "0.1.0"
+
+_LIGHTNING_NAMES = (
+    "EffectiveBatchScaling",
+    "TVLARSConfig",
+    "TVLARSMixin",
+    "TVLARSMonitor",
+    "TVLARSPlan",
+    "configure_tvlars",
+    "effective_batch_size",
+    "scaled_lr",
+)
 
 __all__ = [
     "TVLARS",
@@ -12,4 +31,11 @@ __all__ = [
     "__version__",
     "param_groups",
     "trust_ratio",
+    *_LIGHTNING_NAMES,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING_NAMES:
+        return getattr(importlib.import_module("lightning_tvlars.lightning"), name)
+    raise AttributeError(f"module 'lightning_tvlars' has no attribute {name!r}")

@@ -29,3 +29,16 @@ def small_model() -> torch.nn.Module:
         torch.nn.LayerNorm(5),
         torch.nn.Linear(5, 3, bias=False),
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Generated data sets go to a per-session cache, shared with spawned processes."""
+    os.environ["LIGHTNING_TVLARS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def free_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let each distributed test pick a fresh free port."""
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)

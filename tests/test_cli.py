@@ -1,0 +1,98 @@
+"""The lightning-tvlars command: flags, YAML round trip, a real fit."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_tvlars import TVLARS
+from lightning_tvlars.examples.classifier import MNIST1DClassifier
+from lightning_tvlars.examples.mnist1d import MNIST1DDataModule
+from lightning_tvlars.lightning.cli import TVLARSCLI, main
+
+SMALL = ["--data.num_samples=4000", "--data.val_size=400", "--model.width=16", "--model.blocks=1"]
+
+
+def _print_config(args: list[str], capsys: pytest.CaptureFixture[str]) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_every_tvlars_option_is_a_flag_and_yaml_round_trips(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _print_config(
+        [
+            "--model.tvlars.lr=0.7",
+            "--model.tvlars.scaling=sqrt",
+            "--model.tvlars.decay=0.01",
+            "--model.tvlars.delay_epochs=2",
+            "--model.tvlars.norm_clip=10",
+            "--monitor.per_layer=false",
+        ],
+        capsys,
+    )
+    tvlars = config["model"]["tvlars"]
+    assert tvlars["lr"] == 0.7 and tvlars["scaling"] == "sqrt" and tvlars["delay_epochs"] == 2
+    assert set(tvlars) >= {
+        "optimizer",
+        "momentum",
+        "weight_decay",
+        "trust_coefficient",
+        "alpha",
+        "floor",
+        "base_batch_size",
+        "warmup_epochs",
+        "schedule",
+    }
+    assert config["monitor"]["per_layer"] is False
+    assert "optimizer" not in config  # no LightningCLI --optimizer: groups are never rebuilt
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert _print_config([f"--config={path}"], capsys) == config
+
+
+def test_bad_flag_value_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--model.tvlars.scaling=cubic"])
+    assert exit_info.value.code != 0
+    assert "scaling" in capsys.readouterr().err
+
+
+def test_cli_fit_trains_with_tvlars_and_the_monitor(tmp_path: Path) -> None:
+    cli = TVLARSCLI(
+        MNIST1DClassifier,
+        MNIST1DDataModule,
+        args=[
+            "fit",
+            *SMALL,
+            "--data.batch_size=128",
+            "--trainer.max_epochs=3",
+            "--trainer.log_every_n_steps=2",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.logger=CSVLogger",
+            f"--trainer.logger.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+            "--model.tvlars.lr=8.0",
+        ],
+    )
+    assert isinstance(cli.trainer.optimizers[0], TVLARS)
+    assert cli.model.tvlars_plan.lr == pytest.approx(8.0 * 128 / 256)
+    with open(Path(cli.trainer.logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = [r for r in rows if r.get("tvlars/phase")]
+    assert logged and any(k.startswith("tvlars/trust_ratio/encoder.0.weight") for k in rows[0])
+    accuracy = [float(r["val/acc"]) for r in rows if r.get("val/acc")]
+    assert accuracy[-1] > 0.3  # 10 classes: well above chance after 3 short epochs
+
+
+@pytest.mark.parametrize("name", ["tvlars_mnist1d.yaml", "lars_warmup_mnist1d.yaml"])
+def test_example_configs_parse(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = Path(__file__).parent.parent / "configs" / name
+    config = _print_config([f"--config={path}"], capsys)
+    assert config["model"]["tvlars"]["optimizer"] in ("tvlars", "lars")

@@ -1,0 +1,97 @@
+"""Data parallelism on 2 CPU processes (gloo): same weights as one process, global batch size."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from lightning_helpers import TinyRegressor
+
+from lightning_tvlars import TVLARSConfig, TVLARSMonitor
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
+
+CONFIG = TVLARSConfig(lr=2.0, base_batch_size=16, decay=0.2, delay=3, weight_decay=1e-3)
+
+
+def _fit(devices: int, per_device_batch: int, tmp_path: Path) -> TinyRegressor:
+    torch.manual_seed(0)
+    model = TinyRegressor(tvlars=CONFIG, batch_size=per_device_batch, deterministic_sampler=True)
+    strategy = (
+        DDPStrategy(
+            start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=60)
+        )
+        if devices > 1
+        else "auto"
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=tmp_path,
+        callbacks=[TVLARSMonitor()],
+    )
+    trainer.fit(model)
+    return model
+
+
+@pytest.mark.usefixtures("free_port")
+def test_ddp_spawn_matches_a_single_process_on_the_same_global_batch(tmp_path: Path) -> None:
+    single = _fit(1, 16, tmp_path / "single")
+    ddp = _fit(2, 8, tmp_path / "ddp")  # 2 x 8 = the same 16 samples per step
+    for (name, a), b in zip(single.named_parameters(), ddp.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    moved = sum(
+        (a - b).abs().sum()
+        for a, b in zip(single.parameters(), TinyRegressor().parameters(), strict=True)
+    )
+    assert moved > 0.1  # the comparison is not between untrained models
+
+
+@pytest.mark.usefixtures("free_port")
+def test_cli_effective_batch_is_per_device_x_devices_x_accumulation(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_tvlars.lightning.cli",
+        "fit",
+        "--data.batch_size=64",
+        "--trainer.devices=2",
+        "--trainer.accumulate_grad_batches=2",
+        "--trainer.strategy=ddp",
+        "--trainer.accelerator=cpu",
+        "--trainer.max_steps=2",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.limit_val_batches=0",
+        "--data.num_samples=2000",
+        "--data.val_size=200",
+        "--model.width=8",
+        "--model.blocks=1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
+    ]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "effective batch size 256 = 64 per device x 2 data-parallel replica(s) x 2" in run.stderr
+    (metrics,) = tmp_path.rglob("metrics.csv")
+    with open(metrics) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("tvlars/effective_batch_size")]
+    assert rows and all(float(r["tvlars/effective_batch_size"]) == 256 for r in rows)
+    assert float(rows[0]["tvlars/lr"]) == pytest.approx(1.0)  # 1.0 x 256 / 256

@@ -1,0 +1,306 @@
+"""Lightning integration on one process: helper, mixin, scaling, schedule, monitor, strategies."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning_helpers import TinyRegressor
+from torch.optim.lr_scheduler import LambdaLR
+
+from lightning_tvlars import TVLARS, TVLARSConfig, TVLARSMonitor, scaled_lr
+from lightning_tvlars.lightning.schedule import LRMultiplier
+from lightning_tvlars.lightning.strategy import check_strategy
+
+
+def _trainer(tmp_path: Path, **kwargs: object) -> pl.Trainer:
+    defaults: dict[str, object] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def _metrics(log_dir: str) -> list[dict[str, str]]:
+    with open(Path(log_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- scaling and schedule
+
+
+def test_scaling_rules() -> None:
+    assert scaled_lr(0.3, 4096, 256, "linear") == pytest.approx(4.8)
+    assert scaled_lr(0.3, 1024, 256, "sqrt") == pytest.approx(0.6)
+    assert scaled_lr(0.3, 1024, 256, "none") == 0.3
+    with pytest.raises(ValueError, match="scaling='cubic' is invalid"):
+        scaled_lr(0.3, 1024, 256, "cubic")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="batch_size=0 is invalid"):
+        scaled_lr(0.3, 0, 256, "linear")
+
+
+def test_warmup_cosine_multiplier() -> None:
+    m = LRMultiplier(scale=4.0, warmup_steps=9, total_steps=109, kind="cosine", final_ratio=1e-3)
+    values = [m(s) for s in range(120)]
+    assert values[0] == pytest.approx(0.4) and values[8] == pytest.approx(3.6)
+    assert values[9] == pytest.approx(4.0)  # peak right after warm-up
+    assert all(a >= b for a, b in itertools.pairwise(values[9:]))
+    assert values[109] == pytest.approx(4e-3) and values[119] == pytest.approx(4e-3)
+    assert LRMultiplier(scale=2.0)(1000) == 2.0
+
+
+# ---------------------------------------------------------------- configure_tvlars / mixin
+
+
+def test_mixin_builds_tvlars_with_groups_scaled_lr_and_step_scheduler(tmp_path: Path) -> None:
+    cfg = TVLARSConfig(lr=0.5, scaling="linear", base_batch_size=16, delay_epochs=2, decay=0.1)
+    model = TinyRegressor(tvlars=cfg, batch_size=16)
+    trainer = _trainer(tmp_path, accumulate_grad_batches=2, limit_train_batches=10, max_epochs=3)
+    trainer.fit(model)
+    (opt,) = trainer.optimizers
+    assert isinstance(opt, TVLARS)
+    assert [g["param_names"] for g in opt.param_groups] == [
+        ["net.0.weight", "net.3.weight"],
+        ["net.0.bias", "net.1.weight", "net.1.bias", "net.3.bias"],
+    ]
+    plan = model.tvlars_plan
+    assert plan.effective_batch_size == 32 and plan.lr == pytest.approx(1.0)  # 0.5 x 32/16
+    assert plan.steps_per_epoch == 5  # 10 batches / 2 accumulated
+    assert plan.total_steps == 15 and opt.step_count == 15
+    assert plan.phase.delay == 10  # 2 epochs x 5 steps
+    assert all(g["lr"] == pytest.approx(1.0) for g in opt.param_groups)
+    (sched,) = trainer.lr_scheduler_configs
+    assert isinstance(sched.scheduler, LambdaLR) and sched.interval == "step"
+
+
+def test_phase_fitted_to_the_run_by_default(tmp_path: Path) -> None:
+    model = TinyRegressor(batch_size=32)  # 256 samples: 8 steps per epoch
+    trainer = _trainer(tmp_path, max_epochs=5)
+    trainer.fit(model)
+    phase = model.tvlars_plan.phase
+    assert model.tvlars_plan.total_steps == 40
+    assert phase(20) == pytest.approx(0.5) and phase(40) == pytest.approx(0.01)
+    assert trainer.optimizers[0].last_step_stats.phase == pytest.approx(phase(39))
+
+
+def test_gradient_accumulation_schedule_rescales_lr(tmp_path: Path) -> None:
+    model = TinyRegressor(tvlars=TVLARSConfig(lr=1.0, base_batch_size=16, decay=0.0), batch_size=16)
+    lrs: list[tuple[int, float]] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+            lrs.append((trainer.current_epoch, trainer.optimizers[0].param_groups[0]["lr"]))
+
+    trainer = _trainer(
+        tmp_path,
+        max_epochs=2,
+        limit_train_batches=4,
+        callbacks=[GradientAccumulationScheduler({1: 2}), Record()],
+    )
+    trainer.fit(model)
+    assert {e: lr for e, lr in lrs} == {0: pytest.approx(1.0), 1: pytest.approx(2.0)}
+    assert model.tvlars_plan.effective_batch_size == 32
+
+
+@pytest.mark.parametrize("name", ["lars", "lightly-lars", "timm-lamb"])
+def test_baselines_share_groups_and_warmup_cosine(tmp_path: Path, name: str) -> None:
+    cfg = TVLARSConfig(
+        optimizer=name, lr=0.2, base_batch_size=32, warmup_epochs=1, schedule="cosine"
+    )
+    model = TinyRegressor(tvlars=cfg, batch_size=32)
+    lrs: list[float] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = _trainer(tmp_path, max_epochs=3, callbacks=[Record()])
+    trainer.fit(model)
+    opt = trainer.optimizers[0]
+    assert (
+        type(opt).__name__ == {"lars": "TVLARS", "lightly-lars": "LARS", "timm-lamb": "Lamb"}[name]
+    )
+    assert [g["weight_decay"] for g in opt.param_groups] == [5e-4, 0.0]
+    if name == "lars":
+        assert opt.phase is None
+    warmup = model.tvlars_plan.steps_per_epoch
+    assert lrs[0] == pytest.approx(0.2 / (warmup + 1))
+    assert max(lrs) == pytest.approx(0.2, rel=1e-6) and lrs.index(max(lrs)) == warmup
+    assert lrs[-1] < 0.05
+
+
+def test_resume_restores_step_count_and_phase(tmp_path: Path) -> None:
+    cfg = TVLARSConfig(decay=0.05, delay=10)
+    first = TinyRegressor(tvlars=cfg)
+    trainer = _trainer(tmp_path, max_epochs=1, enable_checkpointing=True)
+    trainer.fit(first)
+    ckpt = next(Path(tmp_path).rglob("*.ckpt"))
+    resumed = TinyRegressor.load_from_checkpoint(ckpt)
+    assert resumed.hparams["tvlars"] == cfg
+    trainer2 = _trainer(tmp_path, max_epochs=2)
+    trainer2.fit(resumed, ckpt_path=ckpt)  # torch.load(weights_only=True) under the hood
+    assert trainer2.optimizers[0].step_count == 32
+
+
+# ---------------------------------------------------------------- monitor
+
+
+def test_monitor_logs_phase_lr_batch_and_per_layer_metrics(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path)
+    model = TinyRegressor(tvlars=TVLARSConfig(decay=0.1, delay=5), batch_size=32)
+    trainer = _trainer(
+        tmp_path,
+        max_epochs=2,
+        logger=logger,
+        log_every_n_steps=4,
+        callbacks=[TVLARSMonitor(name_filter=r"net\.0")],
+    )
+    trainer.fit(model)
+    rows = [r for r in _metrics(logger.log_dir) if r.get("tvlars/phase")]
+    assert [int(r["step"]) for r in rows] == [1, 5, 9, 13]  # after optimizer steps 0, 4, 8, 12
+    phase = model.tvlars_plan.phase
+    for row in rows:
+        t = int(row["step"]) - 1
+        assert float(row["tvlars/phase"]) == pytest.approx(phase(t))
+        assert float(row["tvlars/effective_batch_size"]) == 32
+        assert float(row["tvlars/lr"]) == pytest.approx(1.0 * 32 / 256)
+        assert float(row["tvlars/skipped"]) == 0
+        lnr = float(row["tvlars/lnr/net.0.weight"])
+        ratio = float(row["tvlars/weight_norm/net.0.weight"]) / float(
+            row["tvlars/grad_norm/net.0.weight"]
+        )
+        assert lnr == pytest.approx(ratio)
+        assert float(row["tvlars/trust_ratio_min"]) <= float(row["tvlars/trust_ratio/net.0.weight"])
+    header = rows[0].keys()
+    assert (
+        "tvlars/trust_ratio/net.0.weight" in header
+        and "tvlars/trust_ratio/net.0.bias" not in header
+    )
+    assert not any("net.3" in k for k in header)  # filtered out
+
+
+def test_monitor_trust_ratio_equals_optimizer_rule(tmp_path: Path) -> None:
+    """The logged r is eta ||w|| / ||g + beta w|| recomputed from the logged norms (beta = 0)."""
+    logger = CSVLogger(tmp_path)
+    model = TinyRegressor(tvlars=TVLARSConfig(weight_decay=0.0, trust_coefficient=2e-3))
+    trainer = _trainer(
+        tmp_path, max_steps=1, logger=logger, log_every_n_steps=1, callbacks=[TVLARSMonitor()]
+    )
+    trainer.fit(model)
+    (row,) = [r for r in _metrics(logger.log_dir) if r.get("tvlars/phase")]
+    for name in ("net.0.weight", "net.3.weight"):
+        expected = (
+            2e-3 * float(row[f"tvlars/weight_norm/{name}"]) / float(row[f"tvlars/grad_norm/{name}"])
+        )
+        assert float(row[f"tvlars/trust_ratio/{name}"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_monitor_with_tensorboard_histograms(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path)
+    trainer = _trainer(
+        tmp_path,
+        max_steps=3,
+        logger=logger,
+        log_every_n_steps=1,
+        callbacks=[TVLARSMonitor(histograms=True, per_layer=False)],
+    )
+    trainer.fit(TinyRegressor())
+    logger.experiment.flush()
+    events = EventAccumulator(
+        logger.log_dir, size_guidance={"histograms": 0, "scalars": 0}
+    ).Reload()
+    assert {"tvlars/phase", "tvlars/lr", "tvlars/trust_ratio_max"} <= set(events.Tags()["scalars"])
+    assert not any("/weight_norm/" in t for t in events.Tags()["scalars"])
+    assert {"tvlars/trust_ratio", "tvlars/lnr"} <= set(events.Tags()["histograms"])
+    assert len(events.Scalars("tvlars/phase")) == 3
+
+
+def test_monitor_warns_once_when_trust_ratios_explode(tmp_path: Path) -> None:
+    cfg = TVLARSConfig(trust_coefficient=50.0)  # r = 50 ||w|| / ||u|| >> 1
+    trainer = _trainer(
+        tmp_path, max_steps=3, log_every_n_steps=1, callbacks=[TVLARSMonitor(warn_trust_ratio=1.0)]
+    )
+    with pytest.warns(
+        UserWarning, match=r"trust ratio of 'net\.\d\.weight' is .* has exploded"
+    ) as rec:
+        trainer.fit(TinyRegressor(tvlars=cfg))
+    assert sum("has exploded" in str(w.message) for w in rec) == 1
+
+
+def test_monitor_refuses_other_optimizers(tmp_path: Path) -> None:
+    class AdamModel(TinyRegressor):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters())
+
+    trainer = _trainer(tmp_path, max_steps=1, callbacks=[TVLARSMonitor()])
+    with pytest.raises(
+        ValueError, match=r"TVLARSMonitor needs a TVLARS optimizer, but the trainer has \['AdamW'\]"
+    ):
+        trainer.fit(AdamModel())
+
+
+def test_monitor_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="log_every_n_steps=0 is invalid"):
+        TVLARSMonitor(log_every_n_steps=0)
+    with pytest.raises(TypeError, match="name_filter=3 is invalid"):
+        TVLARSMonitor(name_filter=3)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- bad setups
+
+
+def test_config_validation_names_the_argument() -> None:
+    with pytest.raises(ValueError, match="optimizer='adam' is invalid: expected one of 'tvlars'"):
+        TVLARSConfig(optimizer="adam")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"delay=1.0 and delay_epochs=2.0 are both set"):
+        TVLARSConfig(decay=0.1, delay=1.0, delay_epochs=2.0)
+    with pytest.raises(ValueError, match="decay=None"):
+        TVLARSConfig(delay_epochs=2.0)
+    with pytest.raises(ValueError, match="lr=0 is invalid"):
+        TVLARSConfig(lr=0)
+
+
+def test_deepspeed_zero_is_refused() -> None:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # deepspeed itself is not installed
+    strategy.config = {"zero_optimization": {"stage": 2}}
+
+    class FakeTrainer:
+        pass
+
+    trainer = FakeTrainer()
+    trainer.strategy = strategy  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"DeepSpeedStrategy\(stage=2\) is not supported"):
+        check_strategy(trainer)  # type: ignore[arg-type]
+    strategy.config = {"zero_optimization": {"stage": 0}}
+    check_strategy(trainer)  # type: ignore[arg-type]
+
+
+def test_module_without_parameters_gets_a_clear_error(tmp_path: Path) -> None:
+    class Empty(TinyRegressor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net.requires_grad_(False)
+
+    with pytest.raises(ValueError, match="has no trainable parameters"):
+        _trainer(tmp_path, max_steps=1).fit(Empty())
+
+
+def test_unknown_run_length_needs_explicit_decay(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="run length is unknown"):
+        _trainer(tmp_path, max_epochs=-1, max_steps=-1).fit(TinyRegressor())
