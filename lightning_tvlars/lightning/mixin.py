@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -165,6 +166,13 @@ def configure_tvlars(
     optimizer = _build_optimizer(
         config, param_groups(module, weight_decay=config.weight_decay), phase
     )
+    wrapped = trainer.strategy.model
+    if (
+        isinstance(optimizer, TVLARS)
+        and isinstance(trainer.strategy, FSDPStrategy)
+        and wrapped is not None
+    ):
+        optimizer.attach_fsdp(wrapped)  # FSDP1: wrapped before this hook runs
     multiplier = LRMultiplier(
         scale=lr / config.lr,
         warmup_steps=round(

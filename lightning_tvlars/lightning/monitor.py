@@ -34,7 +34,6 @@ from lightning_tvlars._validation import check_positive, check_positive_int
 from lightning_tvlars.lightning.scaling import effective_batch_size
 from lightning_tvlars.lightning.strategy import check_strategy
 from lightning_tvlars.optim import TVLARS, TVLARSStepStats
-from lightning_tvlars.optim.norms import local_norms
 
 
 class TVLARSMonitor(pl.Callback):
@@ -121,17 +120,19 @@ class TVLARSMonitor(pl.Callback):
             if index == len(optimizers) - 1:
                 self._last_logged_step = stats.step
             prefix = "tvlars" if index == 0 else f"tvlars_{index}"
-            self._log(trainer, pl_module, stats, prefix)
+            self._log(trainer, pl_module, optimizer, stats, prefix)
 
     def _log(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
+        optimizer: TVLARS,
         stats: TVLARSStepStats,
         prefix: str,
     ) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in stats.params]
-        grad_norm = local_norms(grads, foreach=True).to(stats.weight_norm.dtype)
+        # Every rank takes part: under sharding the gradient norms need one collective.
+        grad_norm = optimizer.full_norms(list(stats.params), grads).to(stats.weight_norm.dtype)
         if not trainer.is_global_zero:
             return
         adapted = torch.tensor(stats.adapted, device=stats.weight_norm.device)

@@ -36,8 +36,19 @@ def is_excluded_by_default(name: str, module: nn.Module) -> bool:
     return isinstance(module, NORM_LAYERS) or name.rsplit(".", 1)[-1] == "bias"
 
 
+#: Name fragments that wrappers (FSDP1, activation checkpointing, torch.compile) insert.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter name without wrapper prefixes: the name users see in their own module."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 def _named_parameters_with_owner(module: nn.Module) -> list[tuple[str, nn.Parameter, nn.Module]]:
-    """Trainable parameters with their qualified name and the module that owns them.
+    """Trainable parameters with their clean qualified name and the module that owns them.
 
     Shared (tied) parameters appear once, under their first name, as in ``named_parameters()``.
     """
@@ -48,7 +59,8 @@ def _named_parameters_with_owner(module: nn.Module) -> list[tuple[str, nn.Parame
             if id(param) in seen or not param.requires_grad:
                 continue
             seen.add(id(param))
-            out.append((f"{module_name}.{local_name}" if module_name else local_name, param, owner))
+            name = f"{module_name}.{local_name}" if module_name else local_name
+            out.append((clean_name(name), param, owner))
     return out
 
 

@@ -1,15 +1,44 @@
-"""Layer-wise L2 norms of weights and updates, accumulated in float32 (float64 for float64).
+"""Layer-wise L2 norms of weights and updates, exact under DDP, FSDP2 (DTensor) and FSDP1.
 
-The optimizer hands over the *local* tensors it updates (for a DTensor parameter its local
-shard) and gets back one float32 vector of norms per list, in the same order.
+The optimizer works on the *local* tensors of each parameter (for a DTensor its shard, for an
+FSDP1 parameter its flat view into this rank's shard). A norm of a local piece is not the norm
+of the parameter, so local squared norms are summed across the ranks that hold the other pieces:
+
+* plain tensors (single device, DDP): the local tensor is the whole parameter, nothing to do;
+* DTensor (FSDP2, HSDP, FSDP2 + tensor parallel): sum over the whole mesh, counting each element
+  once: a rank contributes only if its coordinate is 0 on every ``Replicate`` mesh dimension;
+* FSDP1 ``use_orig_params=True``: sum over the shard process group of the parameter's
+  ``FlatParamHandle`` (the intra-node group under ``HYBRID_SHARD``, none under ``NO_SHARD``).
+
+All squared norms are packed into one float vector and reduced with one ``all_reduce`` per
+distinct process group (one in total for FSDP2 and for FSDP1 ``FULL_SHARD``, none for DDP).
+Norms accumulate in float32 (float64 for float64 tensors). No collective depends on a
+rank-local condition: the parameter lists are identical on all ranks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import cast
 
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
+
+try:  # torch.distributed may be unavailable on some builds
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+except ImportError:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def is_dtensor(x: object) -> bool:
+    return DTensor is not None and isinstance(x, DTensor)
+
+
+def local_tensor(x: Tensor) -> Tensor:
+    """The part of ``x`` stored on this rank (``x`` itself unless it is a DTensor)."""
+    return x.to_local() if is_dtensor(x) else x  # type: ignore[attr-defined]
 
 
 def accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
@@ -18,20 +47,179 @@ def accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
 
 
 def local_norms(tensors: Sequence[Tensor], *, foreach: bool) -> Tensor:
-    """``||x||_2`` of every tensor as one vector (one kernel pass with ``foreach``)."""
+    """``||x||_2`` of every (local) tensor as one vector (one kernel pass with ``foreach``)."""
     dtype = accumulation_dtype(tensors)
     if foreach:
         return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=dtype))
     return torch.stack([torch.linalg.vector_norm(x, 2, dtype=dtype) for x in tensors])
 
 
-def layerwise_norms(
-    weights: Sequence[Tensor], updates: Sequence[Tensor], *, foreach: bool
-) -> tuple[Tensor, Tensor]:
-    """``(||w_i||, ||u_i||)`` for every tensor pair, as two vectors.
+#: FSDP1 sharding of a parameter: the shard process group, or ``None`` when not sharded.
+ShardGroups = Mapping[int, "dist.ProcessGroup | None"]
 
-    Both lists go through one norm pass, so the foreach path launches one multi-tensor kernel.
+
+@dataclass(frozen=True)
+class ReductionPlan:
+    """How the local squared norms of a fixed parameter list become full-tensor norms.
+
+    Attributes:
+        groups: ``(process_group, indices)``: entries summed over that group, one collective each.
+        counts: per parameter, 1.0 if this rank's piece counts, 0.0 if it is a replica.
+    """
+
+    groups: tuple[tuple[dist.ProcessGroup | None, tuple[int, ...]], ...]
+    counts: tuple[float, ...]
+    _device_tensors: dict[tuple[object, ...], Tensor] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def _cached(self, key: tuple[object, ...], make: Callable[[], Tensor]) -> Tensor:
+        """Device copies of the plan's constants, made once (no per-step host-to-device copy)."""
+        if key not in self._device_tensors:
+            self._device_tensors[key] = make()
+        return self._device_tensors[key]
+
+    @property
+    def needs_reduction(self) -> bool:
+        return bool(self.groups)
+
+    @staticmethod
+    def build(params: Sequence[Tensor], fsdp1_groups: ShardGroups | None = None) -> ReductionPlan:
+        """Inspect the parameters (DTensor placements, registered FSDP1 groups)."""
+        fsdp1_groups = fsdp1_groups or {}
+        # Per parameter: the group to sum over (_WORLD for DTensors), or None (full tensor).
+        targets: list[object] = []
+        counts: list[float] = []
+        for p in params:
+            if is_dtensor(p):
+                targets.append(_WORLD)
+                counts.append(_dtensor_count(p))
+            elif id(p) in fsdp1_groups and fsdp1_groups[id(p)] is not None:
+                targets.append(fsdp1_groups[id(p)])
+                counts.append(1.0)
+            else:
+                if getattr(p, "_fsdp_flattened", False) and id(p) not in fsdp1_groups:
+                    raise ValueError(
+                        "this optimizer holds FSDP1 parameters (flattened shard views) whose "
+                        "process groups are unknown: call optimizer.attach_fsdp(fsdp_model) after "
+                        "wrapping (configure_tvlars does this under Lightning's FSDPStrategy)"
+                    )
+                targets.append(None)
+                counts.append(1.0)
+        distinct = {id(t): t for t in targets if t is not None}
+        if not distinct:
+            return ReductionPlan((), tuple(counts))
+        if len(distinct) == 1:
+            # Full (replicated) tensors join the one reduction, counted once (group rank 0).
+            (only,) = distinct.values()
+            group = _as_group(only)
+            first = dist.get_rank(group) == 0 if group is not None else dist.get_rank() == 0
+            counts = [
+                c if t is not None else float(first) for c, t in zip(counts, targets, strict=True)
+            ]
+            return ReductionPlan(((group, tuple(range(len(params)))),), tuple(counts))
+        groups = tuple(
+            (_as_group(t), tuple(i for i, x in enumerate(targets) if x is t))
+            for t in distinct.values()
+        )
+        return ReductionPlan(groups, tuple(counts))
+
+    def reduce(self, local: Tensor) -> Tensor:
+        """Full-tensor norms from local norms (``local`` may stack several lists per parameter)."""
+        if not self.needs_reduction:
+            return local
+        n = len(self.counts)
+        repeats = local.numel() // n
+        counts = self._cached(
+            ("counts", local.device, local.dtype, repeats),
+            lambda: torch.tensor(self.counts, dtype=local.dtype, device=local.device).repeat(
+                repeats
+            ),
+        )
+        squares = local.square() * counts
+        if len(self.groups) == 1 and len(self.groups[0][1]) == n:
+            dist.all_reduce(squares, group=self.groups[0][0])
+        else:
+            for g, (group, index) in enumerate(self.groups):
+                rows = self._cached(
+                    ("rows", g, local.device, repeats),
+                    lambda index=index: torch.tensor(  # type: ignore[misc]
+                        [i + k * n for k in range(repeats) for i in index], device=local.device
+                    ),
+                )
+                part = squares.index_select(0, rows)
+                dist.all_reduce(part, group=group)
+                squares.index_copy_(0, rows, part)
+        return squares.sqrt()
+
+
+_WORLD = object()  # marks DTensor parameters: reduced over the default (world) group
+
+
+def _as_group(target: object) -> dist.ProcessGroup | None:
+    """The process group of a reduction target (None is the default group for all_reduce)."""
+    return None if target is _WORLD else cast("dist.ProcessGroup", target)
+
+
+def _dtensor_count(p: Tensor) -> float:
+    """1.0 if this rank's shard of DTensor ``p`` is counted: coordinate 0 on Replicate dims."""
+    mesh = p.device_mesh  # type: ignore[attr-defined]
+    if mesh.size() != dist.get_world_size():
+        raise ValueError(
+            f"DTensor parameters on a sub-mesh (mesh size {mesh.size()}, world size "
+            f"{dist.get_world_size()}) are not supported: TVLARS reduces norms over the world"
+        )
+    coordinate = mesh.get_coordinate()
+    count = 1.0
+    for dim, placement in enumerate(p.placements):  # type: ignore[attr-defined]
+        if isinstance(placement, Partial):
+            raise ValueError(f"DTensor placement {placement} is not supported for parameters")
+        if isinstance(placement, Replicate) and coordinate[dim] != 0:
+            count = 0.0
+    return count
+
+
+def fsdp1_shard_groups(model: nn.Module) -> dict[int, dist.ProcessGroup | None]:
+    """Map every original parameter of an FSDP1 model to its shard group (``None``: unsharded).
+
+    Needs ``use_orig_params=True`` (Lightning's default); with ``use_orig_params=False`` the
+    optimizer holds ``FlatParameter`` objects that mix several layers, and TVLARS refuses them.
+    """
+    from torch.distributed.fsdp._traversal_utils import _get_fsdp_handles
+
+    groups: dict[int, dist.ProcessGroup | None] = {}
+    for handle in _get_fsdp_handles(model):
+        flat = handle.flat_param
+        params = flat._params if flat._params is not None else []
+        shared = flat._shared_params if flat._shared_params is not None else []
+        group = handle.process_group if handle.uses_sharded_strategy else None
+        for p in [*params, *shared]:
+            groups[id(p)] = group
+    return groups
+
+
+def is_flat_parameter(p: Tensor) -> bool:
+    """True for FSDP1 ``FlatParameter`` (``use_orig_params=False``)."""
+    try:
+        from torch.distributed.fsdp._flat_param import FlatParameter
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(p, FlatParameter)
+
+
+def layerwise_norms(
+    weights: Sequence[Tensor],
+    updates: Sequence[Tensor],
+    *,
+    foreach: bool,
+    plan: ReductionPlan | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(||w_i||, ||u_i||)`` of the full tensors from their local pieces, as two vectors.
+
+    Both lists go through one norm pass and, when sharded, one packed reduction.
     """
     norms = local_norms([*weights, *updates], foreach=foreach)
+    if plan is not None:
+        norms = plan.reduce(norms)
     weight_norm, update_norm = norms.split(len(weights))
     return weight_norm, update_norm

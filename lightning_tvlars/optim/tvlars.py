@@ -38,7 +38,15 @@ from lightning_tvlars._validation import (
     check_unit_interval,
 )
 from lightning_tvlars.optim.groups import param_groups, split_by_ndim
-from lightning_tvlars.optim.norms import layerwise_norms
+from lightning_tvlars.optim.norms import (
+    ReductionPlan,
+    ShardGroups,
+    fsdp1_shard_groups,
+    is_flat_parameter,
+    layerwise_norms,
+    local_norms,
+    local_tensor,
+)
 from lightning_tvlars.phase import SigmoidPhase
 
 #: Keys a parameter group may set: hyper-parameters, then metadata that is carried along.
@@ -107,11 +115,12 @@ class TVLARSStepStats:
 
 @dataclass
 class _GroupView:
-    """The tensors of one group that have a gradient this step."""
+    """The tensors of one group updated this step: the parameters, and their local pieces."""
 
     group: dict[str, Any]
-    params: list[Tensor]
+    params: list[Tensor]  # as the optimizer holds them (maybe DTensor / FSDP1 views)
     names: list[str | None]
+    weights: list[Tensor]  # local tensors: what the kernels read and write
     grads: list[Tensor]
     buffers: list[Tensor]
 
@@ -209,6 +218,8 @@ class TVLARS(Optimizer):
         self.phase = phase
         self.foreach = foreach
         self._last: _LastStep | None = None
+        self._fsdp1_groups: ShardGroups = {}
+        self._plan: tuple[tuple[int, ...], ReductionPlan] | None = None
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -265,6 +276,12 @@ class TVLARS(Optimizer):
         if not isinstance(group["adapt"], bool):
             raise TypeError(f"adapt={group['adapt']!r} is invalid: expected True or False")
         for p in group["params"]:
+            if is_flat_parameter(p):
+                raise ValueError(
+                    "FSDP1 FlatParameters are not supported: each one concatenates several "
+                    "layers, so layer-wise norms do not exist; wrap with use_orig_params=True "
+                    "(Lightning's default) or use FSDP2 (fully_shard / ModelParallelStrategy)"
+                )
             if p.is_sparse or p.is_complex():
                 raise TypeError(
                     f"TVLARS supports dense real tensors, got a tensor of layout "
@@ -277,6 +294,34 @@ class TVLARS(Optimizer):
         for group in self.param_groups:
             group.setdefault("step", 0)
         self.__dict__.setdefault("_last", None)
+        self.__dict__.setdefault("_fsdp1_groups", {})
+        self.__dict__.setdefault("_plan", None)
+
+    # ------------------------------------------------------------------ sharding
+
+    def attach_fsdp(self, model: nn.Module) -> None:
+        """Register the shard process groups of an FSDP1 model (``use_orig_params=True``).
+
+        Call it once after wrapping; ``configure_tvlars`` does it under Lightning's
+        ``FSDPStrategy``. FSDP2 (DTensor) and DDP need nothing.
+        """
+        self._fsdp1_groups = fsdp1_shard_groups(model)
+        self._plan = None
+
+    def _reduction_plan(self, params: list[Tensor]) -> ReductionPlan:
+        key = tuple(id(p) for p in params)
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, ReductionPlan.build(params, self._fsdp1_groups))
+        return self._plan[1]
+
+    def full_norms(self, params: list[Tensor], tensors: list[Tensor]) -> Tensor:
+        """Norms of full tensors given per-parameter tensors (e.g. gradients) of ``params``.
+
+        ``tensors[i]`` has the layout of ``params[i]`` (DTensor or local piece); the result is
+        exact under sharding, at the cost of at most one collective per process group.
+        """
+        local = local_norms([local_tensor(t) for t in tensors], foreach=True)
+        return self._reduction_plan(params).reduce(local)
 
     @property
     def step_count(self) -> int:
@@ -310,9 +355,10 @@ class TVLARS(Optimizer):
 
         updates = [self._updates(view, foreach) for view in views]
         weight_norm, update_norm = layerwise_norms(
-            [w for view in views for w in view.params],
+            [w for view in views for w in view.weights],
             [u for us in updates for u in us],
             foreach=foreach,
+            plan=self._reduction_plan([p for view in views for p in view.params]),
         )
         skipped = update_norm.isfinite().all().logical_not()
 
@@ -350,22 +396,30 @@ class TVLARS(Optimizer):
 
     def _view(self, group: dict[str, Any]) -> _GroupView:
         names = group.get("param_names")
-        view = _GroupView(group, [], [], [], [])
+        view = _GroupView(group, [], [], [], [], [])
         for i, p in enumerate(group["params"]):
-            if p.grad is None:
+            weight = local_tensor(p)
+            if p.grad is not None:
+                grad = local_tensor(p.grad)
+            elif id(p) in self._fsdp1_groups:
+                # FSDP1 leaves grad None where this rank's shard of p is empty: keep the list
+                # identical on all ranks so that the norm reduction matches everywhere.
+                grad = torch.zeros_like(weight)
+            else:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise TypeError("TVLARS does not support sparse gradients")
             view.params.append(p)
             view.names.append(names[i] if names else None)
-            view.grads.append(p.grad)
+            view.weights.append(weight)
+            view.grads.append(grad)
             if group["momentum"] != 0:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
-                view.buffers.append(state["momentum_buffer"])
+                view.buffers.append(local_tensor(state["momentum_buffer"]))
         return view
 
     def _use_foreach(self, views: list[_GroupView]) -> bool:
@@ -374,7 +428,7 @@ class TVLARS(Optimizer):
         from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
         supported = set(_get_fused_kernels_supported_devices())
-        ok = all(p.device.type in supported for view in views for p in view.params)
+        ok = all(w.device.type in supported for view in views for w in view.weights)
         if self.foreach and not ok:
             raise ValueError(
                 "foreach=True is invalid here: the multi-tensor path needs devices in "
@@ -389,8 +443,8 @@ class TVLARS(Optimizer):
         if decay == 0:
             return view.grads
         if foreach:
-            return list(torch._foreach_add(view.grads, view.params, alpha=decay))
-        return [g.add(w, alpha=decay) for g, w in zip(view.grads, view.params, strict=True)]
+            return list(torch._foreach_add(view.grads, view.weights, alpha=decay))
+        return [g.add(w, alpha=decay) for g, w in zip(view.grads, view.weights, strict=True)]
 
     @staticmethod
     def _apply_foreach(
@@ -406,11 +460,11 @@ class TVLARS(Optimizer):
         group = view.group
         found_inf = skipped.to(torch.float32)
         buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-        for i, p in enumerate(view.params):
-            buckets[(p.device, p.dtype)].append(i)
+        for i, w in enumerate(view.weights):
+            buckets[(w.device, w.dtype)].append(i)
         for index in buckets.values():
             torch._fused_sgd_(
-                [view.params[i] for i in index],
+                [view.weights[i] for i in index],
                 [updates[i] for i in index],
                 [view.buffers[i] for i in index] if view.buffers else [],
                 weight_decay=0.0,
@@ -431,7 +485,7 @@ class TVLARS(Optimizer):
         """Reference path: the same update, one tensor at a time."""
         group = view.group
         momentum, lr = group["momentum"], group["lr"]
-        for i, (w, u) in enumerate(zip(view.params, updates, strict=True)):
+        for i, (w, u) in enumerate(zip(view.weights, updates, strict=True)):
             direction = u if scale is None else u * scale[i]
             if momentum != 0:
                 buf = view.buffers[i]

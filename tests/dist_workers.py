@@ -1,0 +1,201 @@
+"""Worker functions for the multi-process tests (importable by spawned processes).
+
+Each worker trains a sharded copy and an unsharded reference of the same model on the same
+global batch, then asserts inside the worker; ``mp.spawn`` re-raises a failure in the test.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightning_tvlars import TVLARS, SigmoidPhase, param_groups
+
+STEPS = 4
+GLOBAL_BATCH = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+
+
+def mlp() -> nn.Sequential:
+    """Uneven shapes: on 2 ranks Linear(3, 1) has an empty shard on rank 1."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 1)
+    )
+
+
+def make_optimizer(model: nn.Module) -> TVLARS:
+    return TVLARS(
+        param_groups(model, weight_decay=1e-2),
+        lr=3.0,
+        trust_coefficient=1e-2,
+        phase=SigmoidPhase(decay=0.5, delay=2),
+    )
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(step)
+    return torch.randn(GLOBAL_BATCH, 5, generator=gen), torch.randn(GLOBAL_BATCH, 1, generator=gen)
+
+
+class CollectiveCounter:
+    """Counts ``dist.all_reduce`` calls while active."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._original: Callable[..., object] = dist.all_reduce
+
+    def __enter__(self) -> CollectiveCounter:
+        def counting(*args: object, **kwargs: object) -> object:
+            self.count += 1
+            return self._original(*args, **kwargs)
+
+        dist.all_reduce = counting  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        dist.all_reduce = self._original  # type: ignore[assignment]
+
+
+def train_pair(
+    sharded: nn.Module, opt: TVLARS, reference: nn.Module, rank: int, replicas_per_batch: int
+) -> list[int]:
+    """STEPS steps on both; ``sharded`` sees this rank's slice of the global batch.
+
+    Returns the number of all_reduce calls inside each sharded ``optimizer.step()``.
+    """
+    ref_opt = make_optimizer(reference)
+    per_rank = GLOBAL_BATCH // replicas_per_batch
+    counts = []
+    for step in range(STEPS):
+        x, y = batch(step)
+        lo = (rank % replicas_per_batch) * per_rank
+        nn.functional.mse_loss(sharded(x[lo : lo + per_rank]), y[lo : lo + per_rank]).backward()
+        with CollectiveCounter() as counter:
+            opt.step()
+        counts.append(counter.count)
+        opt.zero_grad()
+        nn.functional.mse_loss(reference(x), y).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert opt.step_count == STEPS
+    return counts
+
+
+def assert_close(full: dict[str, torch.Tensor], reference: nn.Module) -> None:
+    for name, ref in reference.named_parameters():
+        torch.testing.assert_close(full[name], ref.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    moved = sum(
+        (a - b).abs().sum() for a, b in zip(reference.parameters(), mlp().parameters(), strict=True)
+    )
+    assert moved > 0.05, "the models did not train"
+
+
+def fsdp2_worker(rank: int, world: int, port: int, mesh_shape: tuple[int, ...], out: str) -> None:
+    """fully_shard on a 1-D mesh (FSDP2) or a (replicate, shard) mesh (HSDP)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    init(rank, world, port)
+    model, reference = mlp(), mlp()
+    names = ("replicate", "shard") if len(mesh_shape) == 2 else ("shard",)
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    counts = train_pair(model, make_optimizer(model), reference, rank, replicas_per_batch=world)
+    full = {n: p.full_tensor() for n, p in model.named_parameters()}
+    assert_close(full, reference)
+    local_sizes = [p.to_local().numel() for p in model.parameters()]
+    if rank == 0:
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "collectives": counts,
+                    "placements": [str(p.placements) for p in model.parameters()],
+                }
+            )
+        )
+    if rank == world - 1:
+        Path(out + f".sizes{rank}").write_text(json.dumps(local_sizes))
+    dist.destroy_process_group()
+
+
+def fsdp1_worker(rank: int, world: int, port: int, use_orig_params: bool, out: str) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    init(rank, world, port)
+    model, reference = mlp(), mlp()
+    wrapped = FSDP(
+        model,
+        device_id=torch.device("cpu"),
+        use_orig_params=use_orig_params,
+        auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+    )
+    if not use_orig_params:
+        try:
+            make_optimizer(wrapped)
+        except ValueError as err:
+            assert "FlatParameters are not supported" in str(err)
+            Path(out).write_text(json.dumps({"refused": True}))
+        dist.destroy_process_group()
+        return
+    try:
+        TVLARS(wrapped.parameters(), lr=1.0).step()  # grads None: nothing to do, no error
+        unregistered = make_optimizer(wrapped)
+        nn.functional.mse_loss(wrapped(torch.randn(4, 5)), torch.zeros(4, 1)).backward()
+        unregistered.step()
+        raise AssertionError("an unregistered FSDP1 optimizer must refuse to step")
+    except ValueError as err:
+        assert "call optimizer.attach_fsdp" in str(err)
+    wrapped.zero_grad()
+    opt = make_optimizer(wrapped)
+    opt.attach_fsdp(wrapped)
+    counts = train_pair(wrapped, opt, reference, rank, replicas_per_batch=world)
+    names = opt.param_groups[0]["param_names"]
+    with FSDP.summon_full_params(wrapped):
+        full = {
+            n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+            for n, p in wrapped.named_parameters()
+        }
+    assert_close(full, reference)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"collectives": counts, "names": names}))
+    dist.destroy_process_group()
+
+
+def ddp_count_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Under DDP parameters are full: the step needs no collective and matches the reference."""
+    init(rank, world, port)
+    model, reference = mlp(), mlp()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    counts = train_pair(ddp, make_optimizer(ddp), reference, rank, replicas_per_batch=world)
+    assert_close(dict(model.named_parameters()), reference)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"collectives": counts}))
+    dist.destroy_process_group()

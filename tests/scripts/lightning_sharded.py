@@ -1,0 +1,110 @@
+"""Train TinyRegressor under a Lightning strategy on CPU and save the full weights (rank 0).
+
+Usage: python lightning_sharded.py {single,fsdp2,fsdp1} OUT.pt
+Run as a script because Lightning's FSDP/ModelParallel launchers re-execute the command line.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lightning_helpers import TinyRegressor
+
+from lightning_tvlars import TVLARS, TVLARSConfig, TVLARSMonitor
+from lightning_tvlars.optim.groups import clean_name
+
+CONFIG = TVLARSConfig(lr=2.0, base_batch_size=16, decay=0.2, delay=3, weight_decay=1e-3)
+
+
+class ShardedRegressor(TinyRegressor):
+    def configure_model(self) -> None:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+
+
+def cpu_fsdp1_strategy() -> pl.strategies.Strategy:
+    """Lightning refuses FSDP on CPU; FSDP1 itself runs there with device_id=cpu (tests only)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        def _setup_model(self, model: nn.Module) -> nn.Module:
+            return FullyShardedDataParallel(
+                module=model,
+                sharding_strategy=self.sharding_strategy,
+                device_id=torch.device("cpu"),
+                **self.kwargs,
+            )
+
+    return CPUFSDPStrategy(
+        process_group_backend="gloo",
+        timeout=timedelta(seconds=60),
+        auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+    )
+
+
+def main(kind: str, out: str) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    devices, per_device = (1, 16) if kind == "single" else (2, 8)
+    strategy: object = "auto"
+    if kind == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, timeout=timedelta(seconds=60)
+        )
+    elif kind == "fsdp1":
+        strategy = cpu_fsdp1_strategy()
+    model = ShardedRegressor(tvlars=CONFIG, batch_size=per_device, deterministic_sampler=True)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[TVLARSMonitor(log_every_n_steps=2)],
+    )
+    trainer.fit(model)
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, TVLARS) and optimizer.step_count == 6
+    if kind == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(trainer.strategy.model):
+            weights = {clean_name(n): p.detach().clone() for n, p in model.named_parameters()}
+    else:
+        weights = {
+            n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters()
+        }
+    names = [n for g in optimizer.param_groups for n in g["param_names"]]
+    if trainer.is_global_zero:
+        torch.save(
+            {"weights": weights, "names": names, "batch": model.tvlars_plan.effective_batch_size},
+            out,
+        )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

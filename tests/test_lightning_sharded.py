@@ -1,0 +1,48 @@
+"""Lightning strategies that shard parameters give the weights of single-process training."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
+
+SCRIPT = Path(__file__).parent / "scripts" / "lightning_sharded.py"
+
+
+def _run(kind: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{kind}.pt"
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), kind, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _run("single", tmp_path_factory.mktemp("single"))
+
+
+@pytest.mark.parametrize("kind", ["fsdp2", "fsdp1"])
+def test_sharded_strategy_matches_single_process(kind: str, single: dict, tmp_path: Path) -> None:
+    sharded = _run(kind, tmp_path)
+    assert sharded["batch"] == single["batch"] == 16  # 2 replicas x 8 == 1 x 16
+    assert sharded["names"] == single["names"]  # groups keep the user's names under FSDP
+    # Sharded gradients are summed in another order (reduce-scatter), and the non-adapted group
+    # takes SGD steps with lr 2: float32 rounding grows to ~1e-5 over 6 steps. Norms of local
+    # shards (the bug this guards against) give errors above 1e-2.
+    for name, weight in single["weights"].items():
+        torch.testing.assert_close(sharded["weights"][name], weight, rtol=1e-4, atol=3e-5)
