@@ -20,6 +20,9 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+from torch import Tensor
+
 from lightning_tvlars._validation import (
     check_non_negative,
     check_positive,
@@ -76,6 +79,14 @@ class SigmoidPhase:
         if exponent > _MAX_EXP_ARG:
             return self.floor
         return 1.0 / (self.alpha + math.exp(exponent)) + self.floor
+
+    def tensor(self, step: Tensor) -> Tensor:
+        """phi as a tensor operation, for traced code (``torch.compile``, CUDA graphs).
+
+        ``exp`` overflowing to ``inf`` gives ``1 / inf == 0``: exactly ``floor``, never nan.
+        """
+        exponent = (step.to(torch.float32) - self.delay) * self.decay
+        return torch.reciprocal(torch.exp(exponent) + self.alpha) + self.floor
 
     @property
     def ceiling(self) -> float:

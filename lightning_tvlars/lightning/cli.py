@@ -28,6 +28,7 @@ from lightning_tvlars.lightning.monitor import TVLARSMonitor
 EXTRA_COMMANDS = {
     "bench": "lightning_tvlars.bench.accuracy:main",
     "bench-step": "lightning_tvlars.bench.step:main",
+    "bench-monitor": "lightning_tvlars.bench.monitor:main",
 }
 
 

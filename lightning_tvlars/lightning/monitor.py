@@ -153,7 +153,7 @@ class TVLARSMonitor(pl.Callback):
         r_min, r_med, r_max, skipped = packed[3 * n :]
         lr = next((lr for lr, a in zip(stats.lr, stats.adapted, strict=True) if a), stats.lr[0])
         metrics = {
-            f"{prefix}/phase": stats.phase,
+            f"{prefix}/phase": float(stats.phase),
             f"{prefix}/lr": lr,
             f"{prefix}/skipped": skipped,
             f"{prefix}/trust_ratio_min": r_min,

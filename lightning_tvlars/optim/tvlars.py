@@ -90,7 +90,8 @@ class TVLARSStepStats:
 
     Attributes:
         step: t of that step (0 for the first).
-        phase: phi(t) as applied to adapted tensors (1.0 without a phase).
+        phase: phi(t) as applied to adapted tensors (1.0 without a phase); a 0-d tensor when
+            the step ran under ``torch.compile``.
         params: the updated parameters, in order.
         names: their names where the group has ``param_names``, else ``None``.
         adapted: whether each tensor got the trust ratio and phase.
@@ -102,7 +103,7 @@ class TVLARSStepStats:
     """
 
     step: int
-    phase: float
+    phase: float | Tensor
     params: tuple[Tensor, ...]
     names: tuple[str | None, ...]
     adapted: tuple[bool, ...]
@@ -130,7 +131,7 @@ class _LastStep:
     """The raw results of the last step, turned into :class:`TVLARSStepStats` on demand."""
 
     step: int
-    phase: float
+    phase: float | Tensor
     groups: list[tuple[list[Tensor], list[str | None], bool, float]]  # params, names, adapt, lr
     weight_norm: Tensor
     update_norm: Tensor
@@ -217,7 +218,9 @@ class TVLARS(Optimizer):
             raise ValueError(f"foreach={foreach!r} is invalid: expected None, True or False")
         self.phase = phase
         self.foreach = foreach
-        self._last: _LastStep | None = None
+        # A dict slot, not an attribute: torch.compile replays dict mutations of the optimizer
+        # but drops attribute stores on it.
+        self._last: dict[str, _LastStep] = {}
         self._fsdp1_groups: ShardGroups = {}
         self._plan: tuple[tuple[int, ...], ReductionPlan] | None = None
         defaults = {
@@ -293,7 +296,7 @@ class TVLARS(Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("step", 0)
-        self.__dict__.setdefault("_last", None)
+        self.__dict__.setdefault("_last", {})
         self.__dict__.setdefault("_fsdp1_groups", {})
         self.__dict__.setdefault("_plan", None)
 
@@ -334,7 +337,8 @@ class TVLARS(Optimizer):
 
         Built on access (one ``cat`` for the trust ratios), so steps that nobody logs pay nothing.
         """
-        return None if self._last is None else self._last.stats()
+        last = self._last.get("step")
+        return None if last is None else last.stats()
 
     # ------------------------------------------------------------------ the step
 
@@ -350,8 +354,8 @@ class TVLARS(Optimizer):
         if not views:
             return loss
         t = self.step_count
-        phi = 1.0 if self.phase is None else float(self.phase(t))
         foreach = self._use_foreach(views)
+        phi = self._phase_value(t, views[0].weights[0].device)
 
         updates = [self._updates(view, foreach) for view in views]
         weight_norm, update_norm = layerwise_norms(
@@ -376,12 +380,12 @@ class TVLARS(Optimizer):
                     group["trust_coefficient"],
                     group["norm_clip"],
                 )
-                scale = ratio * phi if phi != 1.0 else ratio
+                scale = ratio if isinstance(phi, float) and phi == 1.0 else ratio * phi
             apply(view, us, scale, skipped)
             ratios.append(ratio)
             start = end
 
-        self._last = _LastStep(
+        self._last["step"] = _LastStep(
             t,
             phi,
             [(v.params, v.names, v.group["adapt"], float(v.group["lr"])) for v in views],
@@ -422,8 +426,18 @@ class TVLARS(Optimizer):
                 view.buffers.append(local_tensor(state["momentum_buffer"]))
         return view
 
+    def _phase_value(self, t: int, device: torch.device) -> float | Tensor:
+        """phi(t): a host float in eager mode; a tensor op while ``torch.compile`` traces."""
+        if self.phase is None:
+            return 1.0
+        if torch.compiler.is_compiling() and isinstance(self.phase, SigmoidPhase):
+            return self.phase.tensor(torch.scalar_tensor(t, device=device))
+        return float(self.phase(t))
+
     def _use_foreach(self, views: list[_GroupView]) -> bool:
-        if self.foreach is False:
+        if self.foreach is False or torch.compiler.is_compiling():
+            # Under torch.compile, Inductor fuses the per-tensor ops of the reference path;
+            # torch's fused SGD kernel has no fake implementation and cannot be traced.
             return False
         from torch.optim.optimizer import _get_fused_kernels_supported_devices
 

@@ -1,0 +1,1 @@
+"""Benchmarks: accuracy (``lightning-tvlars bench``) and optimizer step speed (``bench-step``)."""

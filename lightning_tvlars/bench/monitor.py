@@ -1,0 +1,89 @@
+"""Training-throughput cost of ``TVLARSMonitor``: ``lightning-tvlars bench-monitor``.
+
+Trains the MNIST-1D classifier for a fixed number of steps with and without the monitor,
+alternating the two in one process (A B A B ...), and reports the median throughput of each
+and the overhead. The monitor logs at the trainer's ``log_every_n_steps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_tvlars.examples.classifier import MNIST1DClassifier
+from lightning_tvlars.examples.mnist1d import MNIST1DDataModule
+from lightning_tvlars.lightning import TVLARSConfig, TVLARSMonitor
+
+
+def fit_seconds(monitor: bool, steps: int, log_every_n_steps: int, batch_size: int) -> float:
+    """Wall time of ``steps`` training steps (after Lightning's set-up)."""
+    pl.seed_everything(0, verbose=False)
+    data = MNIST1DDataModule(batch_size=batch_size, num_samples=20_000, val_size=1_000)
+    model = MNIST1DClassifier(tvlars=TVLARSConfig(lr=1.0))
+    times: list[float] = []
+
+    class Clock(pl.Callback):
+        def on_train_start(self, *args: object) -> None:
+            times.append(time.perf_counter())
+
+        def on_train_end(self, *args: object) -> None:
+            times.append(time.perf_counter())
+
+    callbacks: list[pl.Callback] = [Clock()]
+    if monitor:
+        callbacks.append(TVLARSMonitor())
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        log_every_n_steps=log_every_n_steps,
+        logger=pl.loggers.CSVLogger("/tmp/lightning_tvlars_bench_monitor"),
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, data)
+    return times[1] - times[0]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="lightning-tvlars bench-monitor", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--log-every-n-steps", type=int, default=50, help="Lightning's default")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fit_seconds(True, 10, args.log_every_n_steps, args.batch_size)  # warm-up, data generation
+    runs: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.rounds):
+        for monitor in (False, True):
+            runs[monitor].append(
+                fit_seconds(monitor, args.steps, args.log_every_n_steps, args.batch_size)
+            )
+    base, with_monitor = statistics.median(runs[False]), statistics.median(runs[True])
+    ratios = [b / a for a, b in zip(runs[False], runs[True], strict=True)]
+    print(
+        f"{args.steps} steps, batch {args.batch_size}, log every {args.log_every_n_steps} steps, "
+        f"{args.rounds} rounds, {torch.get_num_threads()} thread(s)"
+    )
+    print(f"without monitor: median {base:.2f} s ({args.steps / base:.1f} steps/s)")
+    print(f"with monitor:    median {with_monitor:.2f} s ({args.steps / with_monitor:.1f} steps/s)")
+    print(
+        f"overhead: {100 * (with_monitor / base - 1):+.2f}% (medians); paired ratios "
+        f"{', '.join(f'{r:.3f}' for r in ratios)}"
+    )
