@@ -9,7 +9,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_tvlars import TVLARSConfig, TVLARSMixin
+from lightning_tvlars import TVLARSConfig, TVLARSMixin, TVLARSMonitor
+
+#: The run that distributed strategies must reproduce exactly (6 steps of 16 samples).
+EQUIVALENCE_CONFIG = TVLARSConfig(lr=2.0, base_batch_size=16, decay=0.2, delay=3, weight_decay=1e-3)
 
 
 def regression_data(n: int = 256, seed: int = 0) -> TensorDataset:
@@ -45,3 +48,20 @@ class TinyRegressor(TVLARSMixin, pl.LightningModule):
         kwargs: dict[str, Any] = getattr(self.trainer.strategy, "distributed_sampler_kwargs", {})
         sampler = DistributedSampler(data, shuffle=False, **kwargs) if kwargs else None
         return DataLoader(data, batch_size=self.hparams.batch_size, sampler=sampler)
+
+
+def equivalence_trainer(devices: int, strategy: Any, **kwargs: Any) -> pl.Trainer:
+    """6 steps on CPU with a deterministic sampler (``use_distributed_sampler=False``)."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[TVLARSMonitor(log_every_n_steps=2)],
+        **kwargs,
+    )

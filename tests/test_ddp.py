@@ -9,22 +9,19 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
-from lightning_helpers import TinyRegressor
-
-from lightning_tvlars import TVLARSConfig, TVLARSMonitor
+from lightning_helpers import EQUIVALENCE_CONFIG, TinyRegressor, equivalence_trainer
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
-
-CONFIG = TVLARSConfig(lr=2.0, base_batch_size=16, decay=0.2, delay=3, weight_decay=1e-3)
 
 
 def _fit(devices: int, per_device_batch: int, tmp_path: Path) -> TinyRegressor:
     torch.manual_seed(0)
-    model = TinyRegressor(tvlars=CONFIG, batch_size=per_device_batch, deterministic_sampler=True)
+    model = TinyRegressor(
+        tvlars=EQUIVALENCE_CONFIG, batch_size=per_device_batch, deterministic_sampler=True
+    )
     strategy = (
         DDPStrategy(
             start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=60)
@@ -32,20 +29,7 @@ def _fit(devices: int, per_device_batch: int, tmp_path: Path) -> TinyRegressor:
         if devices > 1
         else "auto"
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        max_steps=6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        default_root_dir=tmp_path,
-        callbacks=[TVLARSMonitor()],
-    )
-    trainer.fit(model)
+    equivalence_trainer(devices, strategy, default_root_dir=tmp_path).fit(model)
     return model
 
 

@@ -304,3 +304,12 @@ def test_module_without_parameters_gets_a_clear_error(tmp_path: Path) -> None:
 def test_unknown_run_length_needs_explicit_decay(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="run length is unknown"):
         _trainer(tmp_path, max_epochs=-1, max_steps=-1).fit(TinyRegressor())
+
+
+def test_lazy_top_level_exports_match_the_lightning_package() -> None:
+    import lightning_tvlars
+    import lightning_tvlars.lightning
+
+    assert set(lightning_tvlars._LIGHTNING_NAMES) == set(lightning_tvlars.lightning.__all__)
+    for name in lightning_tvlars._LIGHTNING_NAMES:
+        assert getattr(lightning_tvlars, name) is getattr(lightning_tvlars.lightning, name)

@@ -290,7 +290,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
     args = parser.parse_args(argv)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one line per run instead
+    for name in ("lightning.pytorch", "lightning.fabric"):  # one line per run instead
+        logging.getLogger(name).setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = PRESETS["quick" if args.quick else "full"]

@@ -21,7 +21,26 @@ from lightning_tvlars.examples.mnist1d import MNIST1DDataModule
 from lightning_tvlars.lightning import TVLARSConfig, TVLARSMonitor
 
 
-def fit_seconds(monitor: bool, steps: int, log_every_n_steps: int, batch_size: int) -> float:
+class TimedMonitor(TVLARSMonitor):
+    """The monitor, with the time spent in its per-batch hook accumulated in ``seconds``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds = 0.0
+
+    def on_train_batch_end(self, *args: object, **kwargs: object) -> None:
+        start = time.perf_counter()
+        super().on_train_batch_end(*args, **kwargs)  # type: ignore[arg-type]
+        self.seconds += time.perf_counter() - start
+
+
+def fit_seconds(
+    monitor: bool,
+    steps: int,
+    log_every_n_steps: int,
+    batch_size: int,
+    hook_seconds: list[float] | None = None,
+) -> float:
     """Wall time of ``steps`` training steps (after Lightning's set-up)."""
     pl.seed_everything(0, verbose=False)
     data = MNIST1DDataModule(batch_size=batch_size, num_samples=20_000, val_size=1_000)
@@ -36,8 +55,9 @@ def fit_seconds(monitor: bool, steps: int, log_every_n_steps: int, batch_size: i
             times.append(time.perf_counter())
 
     callbacks: list[pl.Callback] = [Clock()]
+    timed = TimedMonitor()
     if monitor:
-        callbacks.append(TVLARSMonitor())
+        callbacks.append(timed)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -52,6 +72,8 @@ def fit_seconds(monitor: bool, steps: int, log_every_n_steps: int, batch_size: i
         num_sanity_val_steps=0,
     )
     trainer.fit(model, data)
+    if monitor and hook_seconds is not None:
+        hook_seconds.append(timed.seconds)
     return times[1] - times[0]
 
 
@@ -65,15 +87,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for name in ("lightning.pytorch", "lightning.fabric"):  # one line per run instead
+        logging.getLogger(name).setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     fit_seconds(True, 10, args.log_every_n_steps, args.batch_size)  # warm-up, data generation
     runs: dict[bool, list[float]] = {False: [], True: []}
+    hook: list[float] = []
     for _ in range(args.rounds):
         for monitor in (False, True):
             runs[monitor].append(
-                fit_seconds(monitor, args.steps, args.log_every_n_steps, args.batch_size)
+                fit_seconds(monitor, args.steps, args.log_every_n_steps, args.batch_size, hook)
             )
     base, with_monitor = statistics.median(runs[False]), statistics.median(runs[True])
     ratios = [b / a for a, b in zip(runs[False], runs[True], strict=True)]
@@ -86,4 +110,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"overhead: {100 * (with_monitor / base - 1):+.2f}% (medians); paired ratios "
         f"{', '.join(f'{r:.3f}' for r in ratios)}"
+    )
+    share = statistics.median(h / t for h, t in zip(hook, runs[True], strict=True))
+    logs = args.steps // args.log_every_n_steps + 1
+    print(
+        f"time inside the monitor's hook: {1e3 * statistics.median(hook) / logs:.2f} ms per "
+        f"log step, {100 * share:.2f}% of training time"
     )

@@ -244,6 +244,7 @@ def plot(results: dict[str, list[Result]], device: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)
     for ax, (param_set, rows) in zip(axes[0], results.items(), strict=True):
@@ -253,6 +254,8 @@ def plot(results: dict[str, list[Result]], device: str, path: Path) -> None:
         ax.barh([r.optimizer for r in rows], ratios, color=colors)
         ax.axvline(1.0, color="black", lw=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
         ax.set_xlabel("step time / SGD foreach (log)")
         ax.set_title(f"{param_set} on {device}")
         ax.invert_yaxis()

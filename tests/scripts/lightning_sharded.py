@@ -15,12 +15,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lightning_helpers import TinyRegressor
+from lightning_helpers import EQUIVALENCE_CONFIG, TinyRegressor, equivalence_trainer
 
-from lightning_tvlars import TVLARS, TVLARSConfig, TVLARSMonitor
+from lightning_tvlars import TVLARS
 from lightning_tvlars.optim.groups import clean_name
-
-CONFIG = TVLARSConfig(lr=2.0, base_batch_size=16, decay=0.2, delay=3, weight_decay=1e-3)
 
 
 class ShardedRegressor(TinyRegressor):
@@ -72,19 +70,10 @@ def main(kind: str, out: str) -> None:
         )
     elif kind == "fsdp1":
         strategy = cpu_fsdp1_strategy()
-    model = ShardedRegressor(tvlars=CONFIG, batch_size=per_device, deterministic_sampler=True)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        max_steps=6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[TVLARSMonitor(log_every_n_steps=2)],
+    model = ShardedRegressor(
+        tvlars=EQUIVALENCE_CONFIG, batch_size=per_device, deterministic_sampler=True
     )
+    trainer = equivalence_trainer(devices, strategy)
     trainer.fit(model)
     optimizer = trainer.optimizers[0]
     assert isinstance(optimizer, TVLARS) and optimizer.step_count == 6
