@@ -127,7 +127,7 @@ OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
         ps, lr=0.1, momentum=0.9, weight_decay=WEIGHT_DECAY, fused=True
     ),
     "TVLARS foreach": _tvlars(True),
-    "TVLARS single-tensor": _tvlars(False),
+    "TVLARS per-tensor": _tvlars(False),
     "TVLARS compiled": _tvlars(True),  # step wrapped in torch.compile(fullgraph=True)
     "lightly LARS": _lightly_lars,
     "timm Lars": _timm("Lars", momentum=0.9),

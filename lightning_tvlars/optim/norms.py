@@ -205,21 +205,3 @@ def is_flat_parameter(p: Tensor) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(p, FlatParameter)
-
-
-def layerwise_norms(
-    weights: Sequence[Tensor],
-    updates: Sequence[Tensor],
-    *,
-    foreach: bool,
-    plan: ReductionPlan | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``(||w_i||, ||u_i||)`` of the full tensors from their local pieces, as two vectors.
-
-    Both lists go through one norm pass and, when sharded, one packed reduction.
-    """
-    norms = local_norms([*weights, *updates], foreach=foreach)
-    if plan is not None:
-        norms = plan.reduce(norms)
-    weight_norm, update_norm = norms.split(len(weights))
-    return weight_norm, update_norm

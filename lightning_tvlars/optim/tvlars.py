@@ -15,10 +15,13 @@ Tensors of groups with ``adapt=False`` (biases, normalization parameters) take
 :math:`b \leftarrow m b + u`: no trust ratio and no phase. With ``phase=None``, :math:`\phi = 1`
 and this is LARS in the form of Barlow Twins / SimCLR.
 
-Two code paths compute the same update: a single-tensor reference path (a Python loop of
-per-tensor ops, easy to read) and the default multi-tensor path (one ``_foreach_norm`` pass for
-all norms, one ``_foreach_mul_`` per group for the per-tensor scale, and torch's fused
-momentum-SGD kernel for the buffer and weight update). Neither reads a device value on the host.
+Two code paths compute the same update. The multi-tensor path (the default on accelerators)
+takes one ``_foreach_norm`` pass for all norms, one ``_foreach_mul_`` per group for the
+per-tensor scale and torch's fused momentum-SGD kernel for the buffer and weight update: a few
+dozen kernel launches per step whatever the number of tensors. The per-tensor path (the default
+on CPU, like torch.optim's defaults) finishes each tensor while it is in cache and keeps no
+gradient-sized temporary alive; under ``torch.compile`` it is the path Inductor fuses. Neither
+reads a device value on the host.
 """
 
 from __future__ import annotations
@@ -41,9 +44,9 @@ from lightning_tvlars.optim.groups import param_groups, split_by_ndim
 from lightning_tvlars.optim.norms import (
     ReductionPlan,
     ShardGroups,
+    accumulation_dtype,
     fsdp1_shard_groups,
     is_flat_parameter,
-    layerwise_norms,
     local_norms,
     local_tensor,
 )
@@ -174,8 +177,8 @@ class TVLARS(Optimizer):
             ``step -> float``; ``None`` means phi == 1, i.e. plain LARS.
         norm_clip: if set (> 0), ``||w||`` and ``||u||`` are each clamped to at most this value
             before the ratio, as in the authors' code.
-        foreach: ``None`` (default) uses the multi-tensor path where torch's fused SGD kernel
-            supports the device; ``False`` forces the single-tensor reference path.
+        foreach: ``None`` (default) takes the multi-tensor path on accelerators and the
+            per-tensor path on CPU (measured faster there); ``True`` / ``False`` force one.
 
     The step count t is stored in every parameter group (``group["step"]``), so it travels with
     ``state_dict()`` under every checkpointing scheme (plain, FSDP, distributed checkpoint) and
@@ -357,19 +360,15 @@ class TVLARS(Optimizer):
         foreach = self._use_foreach(views)
         phi = self._phase_value(t, views[0].weights[0].device)
 
-        updates = [self._updates(view, foreach) for view in views]
-        weight_norm, update_norm = layerwise_norms(
-            [w for view in views for w in view.weights],
-            [u for us in updates for u in us],
-            foreach=foreach,
-            plan=self._reduction_plan([p for view in views for p in view.params]),
-        )
+        updates = [self._updates_foreach(view) for view in views] if foreach else None
+        local = self._local_norms(views, updates)
+        plan = self._reduction_plan([p for view in views for p in view.params])
+        weight_norm, update_norm = plan.reduce(local).split(len(plan.counts))
         skipped = update_norm.isfinite().all().logical_not()
 
-        apply = self._apply_foreach if foreach else self._apply_single
         ratios: list[Tensor | None] = []
         start = 0
-        for view, us in zip(views, updates, strict=True):
+        for index, view in enumerate(views):
             end = start + len(view.params)
             group = view.group
             ratio = scale = None
@@ -381,7 +380,10 @@ class TVLARS(Optimizer):
                     group["norm_clip"],
                 )
                 scale = ratio if isinstance(phi, float) and phi == 1.0 else ratio * phi
-            apply(view, us, scale, skipped)
+            if updates is not None:
+                self._apply_foreach(view, updates[index], scale, skipped)
+            else:
+                self._apply_single(view, scale, skipped)
             ratios.append(ratio)
             start = end
 
@@ -442,23 +444,72 @@ class TVLARS(Optimizer):
         from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
         supported = set(_get_fused_kernels_supported_devices())
-        ok = all(w.device.type in supported for view in views for w in view.weights)
-        if self.foreach and not ok:
+        devices = {w.device.type for view in views for w in view.weights}
+        if self.foreach and not devices <= supported:
             raise ValueError(
                 "foreach=True is invalid here: the multi-tensor path needs devices in "
                 f"{sorted(supported)}"
             )
-        return ok
+        # Default: multi-tensor on accelerators (few kernel launches); per-tensor on CPU, where
+        # finishing each tensor while it is in cache is faster (as torch.optim defaults do).
+        return bool(self.foreach) or (devices <= supported and "cpu" not in devices)
 
     @staticmethod
-    def _updates(view: _GroupView, foreach: bool) -> list[Tensor]:
-        """``u = g + weight_decay * w`` (the gradients themselves when there is no decay)."""
+    def _update(weight: Tensor, grad: Tensor, decay: float) -> Tensor:
+        """``u = g + weight_decay * w`` for one tensor (``g`` itself without decay)."""
+        return grad if decay == 0 else grad.add(weight, alpha=decay)
+
+    @staticmethod
+    def _updates_foreach(view: _GroupView) -> list[Tensor]:
+        """``u = g + weight_decay * w`` for a whole group in one multi-tensor operation."""
         decay = view.group["weight_decay"]
         if decay == 0:
             return view.grads
-        if foreach:
-            return list(torch._foreach_add(view.grads, view.weights, alpha=decay))
-        return [g.add(w, alpha=decay) for g, w in zip(view.grads, view.weights, strict=True)]
+        return list(torch._foreach_add(view.grads, view.weights, alpha=decay))
+
+    def _local_norms(self, views: list[_GroupView], updates: list[list[Tensor]] | None) -> Tensor:
+        """``[||w_1||, .., ||w_n||, ||u_1||, .., ||u_n||]`` of the local tensors.
+
+        Multi-tensor path: one ``_foreach_norm`` over the updates formed for the whole step.
+        Per-tensor path: each ``u`` is formed, measured while in cache and freed (it is formed
+        again in the update), so no gradient-sized temporary outlives one tensor.
+        """
+        weights = [w for view in views for w in view.weights]
+        if updates is not None:
+            return local_norms([*weights, *(u for us in updates for u in us)], foreach=True)
+        dtype = accumulation_dtype(weights)
+        norms = [torch.linalg.vector_norm(w, dtype=dtype) for w in weights]
+        for view in views:
+            decay = view.group["weight_decay"]
+            norms += [
+                torch.linalg.vector_norm(self._update(w, g, decay), dtype=dtype)
+                for w, g in zip(view.weights, view.grads, strict=True)
+            ]
+        return torch.stack(norms)
+
+    @staticmethod
+    def _fused_momentum_step(
+        weights: list[Tensor],
+        updates: list[Tensor],
+        buffers: list[Tensor],
+        group: dict[str, Any],
+        found_inf: Tensor,
+    ) -> None:
+        """``b = m b + u; w -= lr b`` in torch's fused SGD kernel, a no-op if ``found_inf``."""
+        torch._fused_sgd_(
+            weights,
+            updates,
+            buffers,
+            weight_decay=0.0,
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+            is_first_step=False,  # buffers start at zero: m * 0 + u == u
+            grad_scale=None,
+            found_inf=found_inf,
+        )
 
     @staticmethod
     def _apply_foreach(
@@ -477,32 +528,41 @@ class TVLARS(Optimizer):
         for i, w in enumerate(view.weights):
             buckets[(w.device, w.dtype)].append(i)
         for index in buckets.values():
-            torch._fused_sgd_(
+            TVLARS._fused_momentum_step(
                 [view.weights[i] for i in index],
                 [updates[i] for i in index],
                 [view.buffers[i] for i in index] if view.buffers else [],
-                weight_decay=0.0,
-                momentum=group["momentum"],
-                lr=group["lr"],
-                dampening=0.0,
-                nesterov=False,
-                maximize=False,
-                is_first_step=False,  # buffers start at zero: m * 0 + u == u
-                grad_scale=None,
-                found_inf=found_inf,
+                group,
+                found_inf,
             )
 
     @staticmethod
-    def _apply_single(
-        view: _GroupView, updates: list[Tensor], scale: Tensor | None, skipped: Tensor
-    ) -> None:
-        """Reference path: the same update, one tensor at a time."""
+    def _apply_single(view: _GroupView, scale: Tensor | None, skipped: Tensor) -> None:
+        """The same update one tensor at a time, forming ``u`` again while it is in cache.
+
+        Eagerly each tensor goes through torch's fused SGD kernel (skipped on the device when
+        ``skipped``); while ``torch.compile`` traces, plain ops with ``torch.where``, which
+        Inductor fuses.
+        """
         group = view.group
-        momentum, lr = group["momentum"], group["lr"]
-        for i, (w, u) in enumerate(zip(view.weights, updates, strict=True)):
-            direction = u if scale is None else u * scale[i]
+        momentum, lr, decay = group["momentum"], group["lr"], group["weight_decay"]
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        supported = _get_fused_kernels_supported_devices()
+        fused = not torch.compiler.is_compiling() and all(
+            w.device.type in supported for w in view.weights
+        )
+        found_inf = skipped.to(torch.float32)
+        for i, (w, g) in enumerate(zip(view.weights, view.grads, strict=True)):
+            u = TVLARS._update(w, g, decay)
+            if scale is not None:
+                u = u * scale[i] if u is g else u.mul_(scale[i])
+            if fused:
+                buffers = [view.buffers[i]] if momentum != 0 else []
+                TVLARS._fused_momentum_step([w], [u], buffers, group, found_inf)
+                continue
             if momentum != 0:
                 buf = view.buffers[i]
-                buf.copy_(torch.where(skipped, buf, buf * momentum + direction))
-                direction = buf
-            w.copy_(torch.where(skipped, w, w - lr * direction))
+                buf.copy_(torch.where(skipped, buf, buf * momentum + u))
+                u = buf
+            w.copy_(torch.where(skipped, w, w - lr * u))
