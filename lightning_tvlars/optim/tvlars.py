@@ -15,13 +15,14 @@ Tensors of groups with ``adapt=False`` (biases, normalization parameters) take
 :math:`b \leftarrow m b + u`: no trust ratio and no phase. With ``phase=None``, :math:`\phi = 1`
 and this is LARS in the form of Barlow Twins / SimCLR.
 
-Two code paths compute the same update. The multi-tensor path (the default on accelerators)
-takes one ``_foreach_norm`` pass for all norms, one ``_foreach_mul_`` per group for the
-per-tensor scale and torch's fused momentum-SGD kernel for the buffer and weight update: a few
-dozen kernel launches per step whatever the number of tensors. The per-tensor path (the default
-on CPU, like torch.optim's defaults) finishes each tensor while it is in cache and keeps no
-gradient-sized temporary alive; under ``torch.compile`` it is the path Inductor fuses. Neither
-reads a device value on the host.
+Two code paths compute the same update. The multi-tensor path (the default) takes one
+``_foreach_norm`` pass for all norms, one ``_foreach_mul_`` per group for the per-tensor scale
+and torch's fused momentum-SGD kernel for the buffer and weight update: a few dozen operators
+per step whatever the number of tensors. The per-tensor path (``foreach=False``) forms each
+update while the tensor is in cache and keeps no gradient-sized temporary alive, which is faster
+on CPU for models of many mid-size tensors (ResNet) and slower for big matrices (it forms the
+update twice); under ``torch.compile`` it is the path Inductor fuses. Neither reads a device
+value on the host.
 """
 
 from __future__ import annotations
@@ -177,8 +178,8 @@ class TVLARS(Optimizer):
             ``step -> float``; ``None`` means phi == 1, i.e. plain LARS.
         norm_clip: if set (> 0), ``||w||`` and ``||u||`` are each clamped to at most this value
             before the ratio, as in the authors' code.
-        foreach: ``None`` (default) takes the multi-tensor path on accelerators and the
-            per-tensor path on CPU (measured faster there); ``True`` / ``False`` force one.
+        foreach: ``None`` (default) and ``True`` take the multi-tensor path where torch's fused
+            SGD kernel supports the device; ``False`` the per-tensor path.
 
     The step count t is stored in every parameter group (``group["step"]``), so it travels with
     ``state_dict()`` under every checkpointing scheme (plain, FSDP, distributed checkpoint) and
@@ -450,9 +451,7 @@ class TVLARS(Optimizer):
                 "foreach=True is invalid here: the multi-tensor path needs devices in "
                 f"{sorted(supported)}"
             )
-        # Default: multi-tensor on accelerators (few kernel launches); per-tensor on CPU, where
-        # finishing each tensor while it is in cache is faster (as torch.optim defaults do).
-        return bool(self.foreach) or (devices <= supported and "cpu" not in devices)
+        return devices <= supported
 
     @staticmethod
     def _update(weight: Tensor, grad: Tensor, decay: float) -> Tensor:
