@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 from lightning_tvlars._validation import (
     check_non_negative,
@@ -66,6 +67,12 @@ GROUP_METADATA = ("params", "param_names", "name", "initial_lr")
 
 _REFERENCE_WEIGHT_DECAY = 5e-4
 _REFERENCE_NORM_CLIP = 10.0
+
+
+def fused_kernel_supports(tensors: list[Tensor]) -> bool:
+    """Whether torch's fused SGD kernel (and so the on-device skip) runs on these tensors."""
+    supported = _get_fused_kernels_supported_devices()
+    return all(t.device.type in supported for t in tensors)
 
 
 def trust_ratio(
@@ -442,16 +449,13 @@ class TVLARS(Optimizer):
             # Under torch.compile, Inductor fuses the per-tensor ops of the reference path;
             # torch's fused SGD kernel has no fake implementation and cannot be traced.
             return False
-        from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-        supported = set(_get_fused_kernels_supported_devices())
-        devices = {w.device.type for view in views for w in view.weights}
-        if self.foreach and not devices <= supported:
+        ok = fused_kernel_supports([w for view in views for w in view.weights])
+        if self.foreach and not ok:
             raise ValueError(
                 "foreach=True is invalid here: the multi-tensor path needs devices in "
-                f"{sorted(supported)}"
+                f"{sorted(_get_fused_kernels_supported_devices())}"
             )
-        return devices <= supported
+        return ok
 
     @staticmethod
     def _update(weight: Tensor, grad: Tensor, decay: float) -> Tensor:
@@ -545,12 +549,7 @@ class TVLARS(Optimizer):
         """
         group = view.group
         momentum, lr, decay = group["momentum"], group["lr"], group["weight_decay"]
-        from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
-        supported = _get_fused_kernels_supported_devices()
-        fused = not torch.compiler.is_compiling() and all(
-            w.device.type in supported for w in view.weights
-        )
+        fused = not torch.compiler.is_compiling() and fused_kernel_supports(view.weights)
         found_inf = skipped.to(torch.float32)
         for i, (w, g) in enumerate(zip(view.weights, view.grads, strict=True)):
             u = TVLARS._update(w, g, decay)
