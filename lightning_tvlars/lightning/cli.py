@@ -72,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from lightning_tvlars.examples.classifier import MNIST1DClassifier
     from lightning_tvlars.examples.mnist1d import MNIST1DDataModule
 
-    TVLARSCLI(MNIST1DClassifier, MNIST1DDataModule, args=args)
+    # From the console, LightningCLI reads sys.argv itself (passing it again makes it warn).
+    TVLARSCLI(MNIST1DClassifier, MNIST1DDataModule, args=None if argv is None else args)
 
 
 if __name__ == "__main__":
