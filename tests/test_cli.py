@@ -96,3 +96,29 @@ def test_example_configs_parse(name: str, capsys: pytest.CaptureFixture[str]) ->
     path = Path(__file__).parent.parent / "configs" / name
     config = _print_config([f"--config={path}"], capsys)
     assert config["model"]["tvlars"]["optimizer"] in ("tvlars", "lars")
+
+
+def test_a_users_module_gets_the_flags_from_a_plain_lightning_cli(tmp_path: Path) -> None:
+    from lightning.pytorch.cli import LightningCLI
+    from lightning_helpers import TinyRegressor
+
+    cli = LightningCLI(
+        TinyRegressor,
+        args=[
+            "--model.tvlars.lr=0.5",
+            "--model.tvlars.scaling=sqrt",
+            "--model.batch_size=64",
+            "--trainer.max_steps=2",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+        ],
+        run=False,
+    )
+    assert cli.model.tvlars_config.lr == 0.5 and cli.model.tvlars_config.scaling == "sqrt"
+    cli.trainer.fit(cli.model)
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(optimizer, TVLARS) and optimizer.step_count == 2
+    assert len(optimizer.param_groups) == 2  # the mixin's groups, not model.parameters()
+    assert cli.model.tvlars_plan.lr == pytest.approx(0.5 * (64 / 256) ** 0.5)

@@ -183,22 +183,26 @@ def plot_curves(preset: Preset, out: Path, lr: float = 1.0) -> None:
             _module(preset, "classification", config), _data(preset, preset.curves_batch_size)
         )
         runs[name] = recorder.rows
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
     for name, rows in runs.items():
         steps = [r[0] for r in rows]
         axes[0].plot(steps, [r[1] for r in rows], label=name)
         axes[1].plot(steps, [r[2] for r in rows], label=name)
-        axes[2].plot(steps, [r[1] * r[2] * r[3] for r in rows], label=name)
-    for ax, title in zip(
-        axes,
-        ("learning rate", "phase phi(t)", "effective step lr x phi x median trust ratio"),
-        strict=True,
-    ):
+        axes[2].plot(steps, [r[3] for r in rows], label=name)
+        axes[3].plot(steps, [r[1] * r[2] * r[3] for r in rows], label=name)
+    titles = (
+        "learning rate",
+        "phase phi(t)",
+        "median trust ratio r (adapted tensors)",
+        "effective step lr x phi x median r",
+    )
+    for ax, title in zip(axes, titles, strict=True):
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         ax.legend()
     axes[2].set_yscale("log")
+    axes[3].set_yscale("log")
     fig.suptitle(f"MNIST-1D classification, batch {preset.curves_batch_size}, base lr {lr:g}")
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
