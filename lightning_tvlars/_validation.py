@@ -47,6 +47,13 @@ def check_unit_interval(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_open_interval(name: str, value: Any, low: float, high: float) -> float:
+    """``value`` must lie strictly between ``low`` and ``high``."""
+    if not low < check_real(name, value) < high:
+        raise _fail(name, value, f"a number in ({low:g}, {high:g})")
+    return float(value)
+
+
 def check_positive_int(name: str, value: Any) -> int:
     """``value`` must be an int > 0 (bools are refused)."""
     if isinstance(value, bool) or not isinstance(value, int):

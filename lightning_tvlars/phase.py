@@ -25,9 +25,11 @@ from torch import Tensor
 
 from lightning_tvlars._validation import (
     check_non_negative,
+    check_open_interval,
     check_positive,
     check_positive_int,
     check_real,
+    check_unit_interval,
 )
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -130,11 +132,7 @@ class SigmoidPhase:
             raise ValueError(
                 f"end_step={end_step!r} is invalid: expected a step after half_step={half_step!r}"
             )
-        q = check_real("decayed_fraction", decayed_fraction)
-        if not 0.5 < q < 1:
-            raise ValueError(
-                f"decayed_fraction={decayed_fraction!r} is invalid: expected a number in (0.5, 1)"
-            )
+        q = check_open_interval("decayed_fraction", decayed_fraction, 0.5, 1.0)
         alpha = check_positive("alpha", alpha)
         decay = math.log(q / (1.0 - q)) / (end - half)
         return cls(alpha=alpha, decay=decay, delay=half - math.log(alpha) / decay, floor=floor)
@@ -151,11 +149,7 @@ class SigmoidPhase:
     ) -> SigmoidPhase:
         """A phase scaled to a run: halfway at ``half_fraction`` of it, decayed by its end."""
         total = check_positive_int("total_steps", total_steps)
-        frac = check_real("half_fraction", half_fraction)
-        if not 0 <= frac < 1:
-            raise ValueError(
-                f"half_fraction={half_fraction!r} is invalid: expected a number in [0, 1)"
-            )
+        frac = check_unit_interval("half_fraction", half_fraction)
         return cls.from_milestones(
             frac * total, total, decayed_fraction=decayed_fraction, alpha=alpha, floor=floor
         )

@@ -15,6 +15,7 @@ import torch
 from lightning_tvlars._validation import (
     check_choice,
     check_non_negative,
+    check_open_interval,
     check_positive,
     check_positive_int,
     check_real,
@@ -99,15 +100,8 @@ class TVLARSConfig:
                 "(decay=None fits both to the run)"
             )
         check_non_negative("floor", self.floor)
-        if not 0 <= check_real("half_fraction", self.half_fraction) < 1:
-            raise ValueError(
-                f"half_fraction={self.half_fraction!r} is invalid: expected a number in [0, 1)"
-            )
-        if not 0.5 < check_real("decayed_fraction", self.decayed_fraction) < 1:
-            raise ValueError(
-                f"decayed_fraction={self.decayed_fraction!r} is invalid: expected a number "
-                "in (0.5, 1)"
-            )
+        check_unit_interval("half_fraction", self.half_fraction)
+        check_open_interval("decayed_fraction", self.decayed_fraction, 0.5, 1.0)
         check_non_negative("warmup_epochs", self.warmup_epochs)
         check_choice("schedule", self.schedule, ("constant", "cosine"))
         check_non_negative("final_lr_ratio", self.final_lr_ratio)
