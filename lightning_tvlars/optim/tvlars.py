@@ -373,6 +373,7 @@ class TVLARS(Optimizer):
         plan = self._reduction_plan([p for view in views for p in view.params])
         weight_norm, update_norm = plan.reduce(local).split(len(plan.counts))
         skipped = update_norm.isfinite().all().logical_not()
+        found_inf = skipped.to(torch.float32)  # the fused kernel's form of the same flag
 
         ratios: list[Tensor | None] = []
         start = 0
@@ -389,9 +390,9 @@ class TVLARS(Optimizer):
                 )
                 scale = ratio if isinstance(phi, float) and phi == 1.0 else ratio * phi
             if updates is not None:
-                self._apply_foreach(view, updates[index], scale, skipped)
+                self._apply_foreach(view, updates[index], scale, found_inf)
             else:
-                self._apply_single(view, scale, skipped)
+                self._apply_single(view, scale, skipped, found_inf)
             ratios.append(ratio)
             start = end
 
@@ -516,7 +517,7 @@ class TVLARS(Optimizer):
 
     @staticmethod
     def _apply_foreach(
-        view: _GroupView, updates: list[Tensor], scale: Tensor | None, skipped: Tensor
+        view: _GroupView, updates: list[Tensor], scale: Tensor | None, found_inf: Tensor
     ) -> None:
         """``b = m b + scale * u; w -= lr b`` with one foreach scale and torch's fused SGD."""
         if scale is not None:
@@ -526,7 +527,6 @@ class TVLARS(Optimizer):
             else:
                 torch._foreach_mul_(updates, factors)
         group = view.group
-        found_inf = skipped.to(torch.float32)
         buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
         for i, w in enumerate(view.weights):
             buckets[(w.device, w.dtype)].append(i)
@@ -540,7 +540,9 @@ class TVLARS(Optimizer):
             )
 
     @staticmethod
-    def _apply_single(view: _GroupView, scale: Tensor | None, skipped: Tensor) -> None:
+    def _apply_single(
+        view: _GroupView, scale: Tensor | None, skipped: Tensor, found_inf: Tensor
+    ) -> None:
         """The same update one tensor at a time, forming ``u`` again while it is in cache.
 
         Eagerly each tensor goes through torch's fused SGD kernel (skipped on the device when
@@ -550,7 +552,6 @@ class TVLARS(Optimizer):
         group = view.group
         momentum, lr, decay = group["momentum"], group["lr"], group["weight_decay"]
         fused = not torch.compiler.is_compiling() and fused_kernel_supports(view.weights)
-        found_inf = skipped.to(torch.float32)
         for i, (w, g) in enumerate(zip(view.weights, view.grads, strict=True)):
             u = TVLARS._update(w, g, decay)
             if scale is not None:
