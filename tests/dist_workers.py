@@ -2,6 +2,12 @@
 
 Each worker trains a sharded copy and an unsharded reference of the same model on the same
 global batch, then asserts inside the worker; ``mp.spawn`` re-raises a failure in the test.
+
+Everything runs in float64: sharded training sums gradients and squared norms in another order
+than one process does, which in float32 moves weights by ~1e-5 relative after a few steps (an
+amount that depends on the torch build). In float64 the same reordering costs ~1e-16 relative per
+operation, ~1e-13 after the steps here, so ``TOLERANCE`` can be tight while the error a real bug
+makes (norms of local shards) is above 1e-2; ``fsdp2_worker`` checks that negative control too.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from lightning_tvlars import TVLARS, SigmoidPhase, param_groups
 
 STEPS = 4
 GLOBAL_BATCH = 16
+TOLERANCE = {"rtol": 1e-9, "atol": 1e-12}
 
 
 def free_port() -> int:
@@ -44,7 +51,7 @@ def mlp() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Linear(5, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 3), nn.Tanh(), nn.Linear(3, 1)
-    )
+    ).double()
 
 
 def make_optimizer(model: nn.Module) -> TVLARS:
@@ -58,7 +65,8 @@ def make_optimizer(model: nn.Module) -> TVLARS:
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(step)
-    return torch.randn(GLOBAL_BATCH, 5, generator=gen), torch.randn(GLOBAL_BATCH, 1, generator=gen)
+    x = torch.randn(GLOBAL_BATCH, 5, generator=gen, dtype=torch.float64)
+    return x, torch.randn(GLOBAL_BATCH, 1, generator=gen, dtype=torch.float64)
 
 
 class CollectiveCounter:
@@ -107,29 +115,55 @@ def train_pair(
 
 def assert_close(full: dict[str, torch.Tensor], reference: nn.Module) -> None:
     for name, ref in reference.named_parameters():
-        torch.testing.assert_close(full[name], ref.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        assert ref.dtype == torch.float64
+        torch.testing.assert_close(full[name], ref.detach(), **TOLERANCE, msg=name)
     moved = sum(
         (a - b).abs().sum() for a, b in zip(reference.parameters(), mlp().parameters(), strict=True)
     )
     assert moved > 0.05, "the models did not train"
 
 
-def fsdp2_worker(rank: int, world: int, port: int, mesh_shape: tuple[int, ...], out: str) -> None:
-    """fully_shard on a 1-D mesh (FSDP2) or a (replicate, shard) mesh (HSDP)."""
-    from torch.distributed.device_mesh import init_device_mesh
+def _fully_sharded_mlp(mesh: object) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    init(rank, world, port)
-    model, reference = mlp(), mlp()
-    names = ("replicate", "shard") if len(mesh_shape) == 2 else ("shard",)
-    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
+    model = mlp()
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def fsdp2_worker(rank: int, world: int, port: int, mesh_shape: tuple[int, ...], out: str) -> None:
+    """fully_shard on a 1-D mesh (FSDP2) or a (replicate, shard) mesh (HSDP).
+
+    Then the negative control: the same run with the norm reduction switched off (norms of local
+    shards) must fail the comparison.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_tvlars.optim.norms import ReductionPlan
+
+    init(rank, world, port)
+    names = ("replicate", "shard") if len(mesh_shape) == 2 else ("shard",)
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
+    model, reference = _fully_sharded_mlp(mesh), mlp()
     counts = train_pair(model, make_optimizer(model), reference, rank, replicas_per_batch=world)
     full = {n: p.full_tensor() for n, p in model.named_parameters()}
     assert_close(full, reference)
+
+    reduce = ReductionPlan.reduce
+    ReductionPlan.reduce = lambda self, local: local  # type: ignore[method-assign]
+    try:
+        broken, reference = _fully_sharded_mlp(mesh), mlp()
+        train_pair(broken, make_optimizer(broken), reference, rank, replicas_per_batch=world)
+    finally:
+        ReductionPlan.reduce = reduce  # type: ignore[method-assign]
+    try:
+        assert_close({n: p.full_tensor() for n, p in broken.named_parameters()}, reference)
+    except AssertionError:
+        pass
+    else:
+        raise AssertionError("norms of local shards passed the comparison: it cannot fail")
     local_sizes = [p.to_local().numel() for p in model.parameters()]
     if rank == 0:
         Path(out).write_text(
@@ -168,7 +202,8 @@ def fsdp1_worker(rank: int, world: int, port: int, use_orig_params: bool, out: s
     try:
         TVLARS(wrapped.parameters(), lr=1.0).step()  # grads None: nothing to do, no error
         unregistered = make_optimizer(wrapped)
-        nn.functional.mse_loss(wrapped(torch.randn(4, 5)), torch.zeros(4, 1)).backward()
+        x = torch.randn(4, 5, dtype=torch.float64)
+        nn.functional.mse_loss(wrapped(x), torch.zeros(4, 1, dtype=torch.float64)).backward()
         unregistered.step()
         raise AssertionError("an unregistered FSDP1 optimizer must refuse to step")
     except ValueError as err:

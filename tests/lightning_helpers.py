@@ -11,15 +11,22 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_tvlars import TVLARSConfig, TVLARSMixin, TVLARSMonitor
 
+#: rtol / atol of the float64 equivalence checks: a reduction-order difference of ~1e-16 per
+#: operation, amplified by 6 steps of the chain rule and the trust ratio, stays below 1e-12;
+#: 1e-9 leaves three orders of margin and is seven orders below what a real error gives.
+EQUIVALENCE_TOLERANCE = {"rtol": 1e-9, "atol": 1e-12}
+
 #: The run that distributed strategies must reproduce exactly (6 steps of 16 samples).
 EQUIVALENCE_CONFIG = TVLARSConfig(lr=2.0, base_batch_size=16, decay=0.2, delay=3, weight_decay=1e-3)
 
 
-def regression_data(n: int = 256, seed: int = 0) -> TensorDataset:
+def regression_data(
+    n: int = 256, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> TensorDataset:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 6, generator=gen)
     y = x @ torch.randn(6, 2, generator=gen) + 0.1 * torch.randn(n, 2, generator=gen)
-    return TensorDataset(x, y)
+    return TensorDataset(x.to(dtype), y.to(dtype))
 
 
 class TinyRegressor(TVLARSMixin, pl.LightningModule):
@@ -30,10 +37,12 @@ class TinyRegressor(TVLARSMixin, pl.LightningModule):
         tvlars: TVLARSConfig | None = None,
         batch_size: int = 16,
         deterministic_sampler: bool = False,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 2))
+        self.net.to(dtype)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -42,7 +51,7 @@ class TinyRegressor(TVLARSMixin, pl.LightningModule):
         return loss
 
     def train_dataloader(self) -> DataLoader:
-        data = regression_data()
+        data = regression_data(dtype=self.hparams.dtype)
         if not self.hparams.deterministic_sampler:
             return DataLoader(data, batch_size=self.hparams.batch_size, shuffle=True)
         kwargs: dict[str, Any] = getattr(self.trainer.strategy, "distributed_sampler_kwargs", {})
@@ -51,7 +60,16 @@ class TinyRegressor(TVLARSMixin, pl.LightningModule):
 
 
 def equivalence_trainer(devices: int, strategy: Any, **kwargs: Any) -> pl.Trainer:
-    """6 steps on CPU with a deterministic sampler (``use_distributed_sampler=False``)."""
+    """6 steps on CPU with a deterministic sampler (``use_distributed_sampler=False``).
+
+    The modules and data are float64 (``TinyRegressor(dtype=torch.float64)``; Lightning's
+    ``ModelParallelStrategy`` refuses ``precision="64-true"``): the distributed runs sum gradients and squared norms in
+    another order than one process does, and in float32 that reordering alone moves weights by
+    ~1e-5 relative after a few steps at a large learning rate, an amount that differs between
+    torch builds. In float64 the same reordering is ~1e-15 relative per operation, so the
+    comparisons can be tight (``EQUIVALENCE_TOLERANCE``) while an actual error (norms of local
+    shards instead of whole tensors) still moves weights by more than 1e-2.
+    """
     return pl.Trainer(
         accelerator="cpu",
         devices=devices,

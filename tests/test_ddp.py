@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
-from lightning_helpers import EQUIVALENCE_CONFIG, TinyRegressor, equivalence_trainer
+from lightning_helpers import (
+    EQUIVALENCE_CONFIG,
+    EQUIVALENCE_TOLERANCE,
+    TinyRegressor,
+    equivalence_trainer,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
 
@@ -20,7 +25,10 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
 def _fit(devices: int, per_device_batch: int, tmp_path: Path) -> TinyRegressor:
     torch.manual_seed(0)
     model = TinyRegressor(
-        tvlars=EQUIVALENCE_CONFIG, batch_size=per_device_batch, deterministic_sampler=True
+        tvlars=EQUIVALENCE_CONFIG,
+        batch_size=per_device_batch,
+        deterministic_sampler=True,
+        dtype=torch.float64,
     )
     strategy = (
         DDPStrategy(
@@ -38,10 +46,11 @@ def test_ddp_spawn_matches_a_single_process_on_the_same_global_batch(tmp_path: P
     single = _fit(1, 16, tmp_path / "single")
     ddp = _fit(2, 8, tmp_path / "ddp")  # 2 x 8 = the same 16 samples per step
     for (name, a), b in zip(single.named_parameters(), ddp.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert a.dtype == b.dtype == torch.float64  # see equivalence_trainer
+        torch.testing.assert_close(a, b, **EQUIVALENCE_TOLERANCE, msg=name)
     moved = sum(
         (a - b).abs().sum()
-        for a, b in zip(single.parameters(), TinyRegressor().parameters(), strict=True)
+        for a, b in zip(single.parameters(), TinyRegressor(dtype=torch.float64).parameters(), strict=True)
     )
     assert moved > 0.1  # the comparison is not between untrained models
 

@@ -1,6 +1,9 @@
 """Train TinyRegressor under a Lightning strategy on CPU and save the full weights (rank 0).
 
-Usage: python lightning_sharded.py {single,fsdp2,fsdp1} OUT.pt
+Usage: python lightning_sharded.py {single,fsdp2,fsdp1,fsdp2-local-norms} OUT.pt
+
+``fsdp2-local-norms`` is the negative control: FSDP2 with the norm reduction switched off, so
+that each rank uses the norms of its local shards.
 Run as a script because Lightning's FSDP/ModelParallel launchers re-execute the command line.
 """
 
@@ -36,10 +39,26 @@ class ShardedRegressor(TinyRegressor):
 
 
 def cpu_fsdp1_strategy() -> pl.strategies.Strategy:
-    """Lightning refuses FSDP on CPU; FSDP1 itself runs there with device_id=cpu (tests only)."""
+    """Lightning refuses FSDP on CPU; FSDP1 itself runs there with device_id=cpu (tests only).
+
+    Lightning's FSDP precision plugins cast the module to float32 at best; this one keeps the
+    float64 module of the equivalence test as it is.
+    """
+    from lightning.pytorch.plugins.precision import FSDPPrecision
     from lightning.pytorch.strategies import FSDPStrategy
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    class Float64FSDPPrecision(FSDPPrecision):
+        def convert_module(self, module: nn.Module) -> nn.Module:
+            return module
+
+        def convert_input(self, data: object) -> object:
+            return data
+
+        @property
+        def mixed_precision_config(self) -> MixedPrecision:
+            return MixedPrecision(torch.float64, torch.float64, torch.float64)
 
     class CPUFSDPStrategy(FSDPStrategy):
         def _setup_model(self, model: nn.Module) -> nn.Module:
@@ -51,6 +70,7 @@ def cpu_fsdp1_strategy() -> pl.strategies.Strategy:
             )
 
     return CPUFSDPStrategy(
+        precision_plugin=Float64FSDPPrecision("32-true"),
         process_group_backend="gloo",
         timeout=timedelta(seconds=60),
         auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
@@ -62,6 +82,11 @@ def main(kind: str, out: str) -> None:
     torch.manual_seed(0)
     devices, per_device = (1, 16) if kind == "single" else (2, 8)
     strategy: object = "auto"
+    if kind == "fsdp2-local-norms":
+        from lightning_tvlars.optim.norms import ReductionPlan
+
+        ReductionPlan.reduce = lambda self, local: local  # type: ignore[method-assign]
+        kind = "fsdp2"
     if kind == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -71,7 +96,10 @@ def main(kind: str, out: str) -> None:
     elif kind == "fsdp1":
         strategy = cpu_fsdp1_strategy()
     model = ShardedRegressor(
-        tvlars=EQUIVALENCE_CONFIG, batch_size=per_device, deterministic_sampler=True
+        tvlars=EQUIVALENCE_CONFIG,
+        batch_size=per_device,
+        deterministic_sampler=True,
+        dtype=torch.float64,
     )
     trainer = equivalence_trainer(devices, strategy)
     trainer.fit(model)
