@@ -63,12 +63,13 @@ def equivalence_trainer(devices: int, strategy: Any, **kwargs: Any) -> pl.Traine
     """6 steps on CPU with a deterministic sampler (``use_distributed_sampler=False``).
 
     The modules and data are float64 (``TinyRegressor(dtype=torch.float64)``; Lightning's
-    ``ModelParallelStrategy`` refuses ``precision="64-true"``): the distributed runs sum gradients and squared norms in
-    another order than one process does, and in float32 that reordering alone moves weights by
-    ~1e-5 relative after a few steps at a large learning rate, an amount that differs between
-    torch builds. In float64 the same reordering is ~1e-15 relative per operation, so the
-    comparisons can be tight (``EQUIVALENCE_TOLERANCE``) while an actual error (norms of local
-    shards instead of whole tensors) still moves weights by more than 1e-2.
+    ``ModelParallelStrategy`` refuses ``precision="64-true"``): the distributed runs sum
+    gradients and squared norms in another order than one process does, and in float32 that
+    reordering alone moves weights by ~1e-5 relative after a few steps at a large learning
+    rate, an amount that differs between torch builds. In float64 the same reordering is
+    ~1e-15 relative per operation, so the comparisons can be tight (``EQUIVALENCE_TOLERANCE``)
+    while an actual error (norms of local shards instead of whole tensors) still moves
+    weights by more than 1e-2.
     """
     return pl.Trainer(
         accelerator="cpu",
