@@ -223,12 +223,21 @@ def test_step_counter_is_shared_by_groups_added_later() -> None:
     assert [g["step"] for g in opt.param_groups] == [1, 1]
 
 
-def test_step_without_gradients_does_nothing() -> None:
+def test_step_without_gradients_changes_nothing_but_counts() -> None:
+    """A step() call is a step of the clock (as for Lightning's global_step), even with no
+    gradient; its statistics describe it instead of repeating the previous step's."""
     w = torch.ones(3, requires_grad=True)
-    opt = TVLARS([w], lr=0.1)
+    opt = TVLARS([w], lr=0.1, phase=SigmoidPhase(decay=1.0, delay=0.0))
+    w.grad = torch.ones(3)
     opt.step()
-    assert opt.step_count == 0 and opt.last_step_stats is None
-    assert torch.equal(w.detach(), torch.ones(3))
+    w.grad = None
+    before = w.detach().clone()
+    opt.step()
+    assert opt.step_count == 2
+    stats = opt.last_step_stats
+    assert stats is not None and stats.step == 1 and stats.params == ()
+    assert bool(stats.skipped) and stats.phase == pytest.approx(1 / (1 + math.e))
+    assert torch.equal(w.detach(), before)
 
 
 def test_closure_runs_with_grad_enabled_and_returns_loss() -> None:
@@ -404,9 +413,14 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs: dict, fragment: str
     assert fragment in str(err.value)
 
 
-def test_unknown_group_key_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"parameter group keys \['betas'\] are invalid"):
-        TVLARS([{"params": [torch.zeros(2, requires_grad=True)], "betas": (0.9, 0.99)}], lr=0.1)
+def test_unknown_group_keys_are_carried_through_state_dict() -> None:
+    """As in torch's optimizers: other libraries' keys (timm's lr_scale) travel untouched."""
+    p = torch.zeros(2, requires_grad=True)
+    opt = TVLARS([{"params": [p], "lr_scale": 0.5, "name": "head"}], lr=0.1)
+    assert opt.param_groups[0]["lr_scale"] == 0.5
+    fresh = TVLARS([{"params": [p]}], lr=0.1)
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.param_groups[0]["lr_scale"] == 0.5 and fresh.param_groups[0]["name"] == "head"
 
 
 def test_bad_group_values_and_types_are_refused() -> None:
@@ -419,3 +433,42 @@ def test_bad_group_values_and_types_are_refused() -> None:
         TVLARS([p], lr=True)
     with pytest.raises(TypeError, match="phase=3"):
         TVLARS([p], lr=0.1, phase=3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_cpu_batches_and_pieces_of_big_tensors_match_the_reference(
+    weight_decay: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU the multi-tensor path works batch by batch and cuts big tensors into pieces:
+    with a tiny batch size every case (several batches, pieces, a 0-d tensor) is exact."""
+    import lightning_tvlars.optim.update as update
+
+    monkeypatch.setattr(update, "CPU_BATCH", 1000)
+    shapes = [(40, 30), (7,), (3000,), (5, 5, 3, 3), (), (2500, 1), (10,)]
+    params = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    ours = [p.clone().requires_grad_() for p in params]
+    plain = [p.clone() for p in params]
+    common = {"lr": 0.5, "momentum": 0.9, "eta": 2e-2, "clip": None}
+    opt = TVLARS(
+        [{"params": ours[:5]}, {"params": ours[5:], "adapt": False}],
+        lr=0.5,
+        weight_decay=weight_decay,
+        trust_coefficient=2e-2,
+        phase=SigmoidPhase(*PHASE),
+    )
+    ref = PlainTVLARS(
+        [
+            {"params": plain[:5], "weight_decay": weight_decay, "adapt": True, **common},
+            {"params": plain[5:], "weight_decay": weight_decay, "adapt": False, **common},
+        ],
+        PHASE,
+    )
+    for step in range(4):
+        grads = _grads(params, step)
+        for p, g in zip(ours, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        ref.step({id(p): g for p, g in zip(plain, grads, strict=True)})
+    assert max(len(layout.batches) for layout in opt._layouts._layouts.values()) > 2
+    for a, b in zip(ours, plain, strict=True):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-12)

@@ -15,21 +15,14 @@ Tensors of groups with ``adapt=False`` (biases, normalization parameters) take
 :math:`b \leftarrow m b + u`: no trust ratio and no phase. With ``phase=None``, :math:`\phi = 1`
 and this is LARS in the form of Barlow Twins / SimCLR.
 
-Two code paths compute the same update. The multi-tensor path (the default) takes one
-``_foreach_norm`` pass for all norms, one ``_foreach_mul_`` per group for the per-tensor scale
-and torch's fused momentum-SGD kernel for the buffer and weight update: a few dozen operators
-per step whatever the number of tensors. The per-tensor path (``foreach=False``) forms each
-update while the tensor is in cache and keeps no gradient-sized temporary alive, which is faster
-on CPU for models of many mid-size tensors (ResNet) and slower for big matrices (it forms the
-update twice); under ``torch.compile`` it is the path Inductor fuses. Neither reads a device
-value on the host.
+This class holds the hyper-parameters, the state and the bookkeeping of a step (gathering the
+local tensors, mixed-precision unscaling, the one norm reduction under sharding, the skip
+decision, statistics); the arithmetic lives in :mod:`lightning_tvlars.optim.update`.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,15 +39,25 @@ from lightning_tvlars.optim.groups import param_groups, split_by_ndim
 from lightning_tvlars.optim.norms import (
     ReductionPlan,
     ShardGroups,
-    accumulation_dtype,
     fsdp1_shard_groups,
     is_flat_parameter,
     local_norms,
     local_tensor,
 )
+from lightning_tvlars.optim.stats import GroupRecord, StepRecord, TVLARSStepStats
+from lightning_tvlars.optim.update import (
+    GroupTensors,
+    Layouts,
+    MultiTensorUpdate,
+    PlainUpdate,
+    StepFlags,
+    by_device_and_dtype,
+    fused_layout,
+)
 from lightning_tvlars.phase import SigmoidPhase
 
-#: Keys a parameter group may set: hyper-parameters, then metadata that is carried along.
+#: Hyper-parameters a group may set; any other key is carried along untouched (``param_names``,
+#: ``name``, timm's ``lr_scale``, ...), as torch's own optimizers do.
 GROUP_HYPERPARAMETERS = (
     "lr",
     "momentum",
@@ -62,17 +65,13 @@ GROUP_HYPERPARAMETERS = (
     "trust_coefficient",
     "norm_clip",
     "adapt",
+    "foreach",
 )
-GROUP_METADATA = ("params", "param_names", "name", "initial_lr")
 
 _REFERENCE_WEIGHT_DECAY = 5e-4
 _REFERENCE_NORM_CLIP = 10.0
 
-
-def fused_kernel_supports(tensors: list[Tensor]) -> bool:
-    """Whether torch's fused SGD kernel (and so the on-device skip) runs on these tensors."""
-    supported = _get_fused_kernels_supported_devices()
-    return all(t.device.type in supported for t in tensors)
+Update = PlainUpdate | MultiTensorUpdate
 
 
 def trust_ratio(
@@ -92,92 +91,17 @@ def trust_ratio(
     return torch.where((weight_norm > 0) & (update_norm > 0), trust_coefficient * w / u, 1.0)
 
 
-@dataclass(frozen=True)
-class TVLARSStepStats:
-    """What the last :meth:`TVLARS.step` computed, one entry per updated tensor.
-
-    The tensors stay on the parameters' device; reading them (``.tolist()``) is one device to
-    host copy, which is the monitor's business at its own log interval.
-
-    Attributes:
-        step: t of that step (0 for the first).
-        phase: phi(t) as applied to adapted tensors (1.0 without a phase); a 0-d tensor when
-            the step ran under ``torch.compile``.
-        params: the updated parameters, in order.
-        names: their names where the group has ``param_names``, else ``None``.
-        adapted: whether each tensor got the trust ratio and phase.
-        lr: the learning rate of each tensor's group.
-        weight_norm: ``||w||`` before the update (float32).
-        update_norm: ``||g + weight_decay * w||`` (float32).
-        trust_ratio: ``r`` (without the phase), 1.0 for tensors that are not adapted.
-        skipped: a bool scalar, True when a non-finite update made the step a no-op.
-    """
-
-    step: int
-    phase: float | Tensor
-    params: tuple[Tensor, ...]
-    names: tuple[str | None, ...]
-    adapted: tuple[bool, ...]
-    lr: tuple[float, ...]
-    weight_norm: Tensor
-    update_norm: Tensor
-    trust_ratio: Tensor
-    skipped: Tensor
-
-
-@dataclass
-class _GroupView:
-    """The tensors of one group updated this step: the parameters, and their local pieces."""
-
-    group: dict[str, Any]
-    params: list[Tensor]  # as the optimizer holds them (maybe DTensor / FSDP1 views)
-    names: list[str | None]
-    weights: list[Tensor]  # local tensors: what the kernels read and write
-    grads: list[Tensor]
-    buffers: list[Tensor]
-
-
-@dataclass
-class _LastStep:
-    """The raw results of the last step, turned into :class:`TVLARSStepStats` on demand."""
-
-    step: int
-    phase: float | Tensor
-    groups: list[tuple[list[Tensor], list[str | None], bool, float]]  # params, names, adapt, lr
-    weight_norm: Tensor
-    update_norm: Tensor
-    ratios: list[Tensor | None]
-    skipped: Tensor
-
-    def stats(self) -> TVLARSStepStats:
-        groups = self.groups
-        pieces = [
-            r if r is not None else self.weight_norm.new_ones(len(params))
-            for (params, *_), r in zip(groups, self.ratios, strict=True)
-        ]
-        return TVLARSStepStats(
-            step=self.step,
-            phase=self.phase,
-            params=tuple(p for params, *_ in groups for p in params),
-            names=tuple(n for _, names, _, _ in groups for n in names),
-            adapted=tuple(adapt for params, _, adapt, _ in groups for _ in params),
-            lr=tuple(lr for params, _, _, lr in groups for _ in params),
-            weight_norm=self.weight_norm,
-            update_norm=self.update_norm,
-            trust_ratio=torch.cat(pieces),
-            skipped=self.skipped,
-        )
-
-
 class TVLARS(Optimizer):
     """Time-Varying LARS: LARS whose trust ratio is multiplied by a decaying phase phi(t).
 
     Args:
         params: tensors, or parameter groups (dicts). Group keys: ``lr``, ``momentum``,
-            ``weight_decay``, ``trust_coefficient``, ``norm_clip``, ``adapt``; groups may also
-            carry ``param_names`` and ``name``. :func:`~lightning_tvlars.param_groups` builds
-            the usual split (biases and normalization parameters not adapted, not decayed).
-        lr: learning rate, > 0. TVLARS uses no warm-up: this is the rate from the first step.
+            ``weight_decay``, ``trust_coefficient``, ``norm_clip``, ``adapt``, ``foreach``;
+            any other key (``param_names``, ``name``, timm's ``lr_scale``) is carried along.
+            :func:`~lightning_tvlars.param_groups` builds the usual split (biases and
+            normalization parameters not adapted, not decayed).
+        lr: learning rate, a float > 0. TVLARS uses no warm-up: this is the rate from the first
+            step.
         momentum: heavy-ball momentum in [0, 1).
         weight_decay: >= 0, folded into the update ``u = g + weight_decay * w``.
         trust_coefficient: ``eta`` > 0 of the trust ratio ``eta * ||w|| / ||u||``.
@@ -185,17 +109,27 @@ class TVLARS(Optimizer):
             ``step -> float``; ``None`` means phi == 1, i.e. plain LARS.
         norm_clip: if set (> 0), ``||w||`` and ``||u||`` are each clamped to at most this value
             before the ratio, as in the authors' code.
-        foreach: ``None`` (default) and ``True`` take the multi-tensor path where torch's fused
-            SGD kernel supports the device; ``False`` the per-tensor path.
+        foreach: ``None`` (default) picks per device: the multi-tensor path on CUDA and other
+            accelerators (a fixed number of kernels whatever the number of tensors), the
+            cache-friendly per-tensor path on CPU. ``True`` and ``False`` force one of them.
+            Either way, tensors whose layout the fused kernels cannot take (views with gaps,
+            gradients with other strides than their parameter) take an elementwise path.
 
     The step count t is stored in every parameter group (``group["step"]``), so it travels with
-    ``state_dict()`` under every checkpointing scheme (plain, FSDP, distributed checkpoint) and
-    loads with ``torch.load(..., weights_only=True)``.
+    ``state_dict()`` under every checkpointing scheme and loads with
+    ``torch.load(..., weights_only=True)``. It counts ``step()`` calls: steps that are skipped
+    (see below) and steps without any gradient count too, so t always equals the number of
+    ``scaler.step(optimizer)`` calls, an LR scheduler's count and Lightning's ``global_step``
+    for one optimizer.
 
-    Non-finite updates: if any ``g + weight_decay * w`` holds ``inf`` or ``nan``, the whole step
-    is skipped on the device (weights and momentum buffers unchanged, no host sync) and
-    :attr:`last_step_stats` reports ``skipped``; t still advances, as an LR scheduler does when a
-    ``GradScaler`` skips a step.
+    Skipped steps: if any ``g + weight_decay * w`` holds ``inf`` or ``nan``, or a
+    ``torch.amp.GradScaler`` found ``inf``/``nan`` in the scaled gradients, the whole step is a
+    no-op on the device (weights and momentum unchanged, no host sync) and
+    :attr:`last_step_stats` reports ``skipped``.
+
+    Mixed precision: TVLARS unscales inside its step (``_step_supports_amp_scaling``), so
+    ``scaler.step(optimizer)`` costs no host sync; the gradients are unscaled in place, as
+    ``scaler.unscale_`` would leave them.
 
     Example:
         >>> import torch
@@ -208,6 +142,8 @@ class TVLARS(Optimizer):
         >>> opt.step_count, round(opt.last_step_stats.phase, 3)
         (1, 0.731)
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -225,13 +161,11 @@ class TVLARS(Optimizer):
                 f"phase={phase!r} is invalid: expected a SigmoidPhase, a callable "
                 "step -> float, or None"
             )
-        if foreach not in (None, True, False):
-            raise ValueError(f"foreach={foreach!r} is invalid: expected None, True or False")
         self.phase = phase
-        self.foreach = foreach
+        self._layouts = Layouts()
         # A dict slot, not an attribute: torch.compile replays dict mutations of the optimizer
         # but drops attribute stores on it.
-        self._last: dict[str, _LastStep] = {}
+        self._last: dict[str, StepRecord] = {}
         self._fsdp1_groups: ShardGroups = {}
         self._plan: tuple[tuple[int, ...], ReductionPlan] | None = None
         defaults = {
@@ -241,6 +175,7 @@ class TVLARS(Optimizer):
             "trust_coefficient": trust_coefficient,
             "norm_clip": norm_clip,
             "adapt": True,
+            "foreach": foreach,
         }
         super().__init__(params, defaults)
 
@@ -253,12 +188,9 @@ class TVLARS(Optimizer):
         ``phi = 1 / (0.1 + exp(decay * (t + 1)))``, both norms clamped to 10, ``eta = 1e-3``,
         momentum 0.9, weight decay 5e-4, biases and normalization parameters neither adapted nor
         decayed. Given a module, groups come from :func:`param_groups`; given tensors, from their
-        ``ndim`` as in the authors' code. ``overrides`` replace any constructor argument.
+        ``ndim`` as in the authors' code (1-D tensors excluded). ``overrides`` replace any
+        constructor argument, in every group (``weight_decay`` too).
         """
-        if isinstance(params, nn.Module):
-            groups = param_groups(params, weight_decay=_REFERENCE_WEIGHT_DECAY)
-        else:
-            groups = split_by_ndim(params, _REFERENCE_WEIGHT_DECAY)
         kwargs: dict[str, Any] = {
             "momentum": 0.9,
             "weight_decay": _REFERENCE_WEIGHT_DECAY,
@@ -267,20 +199,24 @@ class TVLARS(Optimizer):
             "norm_clip": _REFERENCE_NORM_CLIP,
             **overrides,
         }
+        decay_rate = kwargs["weight_decay"]
+        if isinstance(params, nn.Module):
+            groups = param_groups(params, weight_decay=decay_rate)
+        else:
+            groups = split_by_ndim(params, decay_rate)
         return cls(groups, lr=lr, **kwargs)
 
     # ------------------------------------------------------------------ groups and state
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        unknown = sorted(set(param_group) - set(GROUP_HYPERPARAMETERS) - set(GROUP_METADATA))
-        if unknown:
-            raise ValueError(
-                f"parameter group keys {unknown} are invalid: expected some of "
-                f"{list(GROUP_HYPERPARAMETERS + GROUP_METADATA)}"
-            )
         step = self.param_groups[0]["step"] if self.param_groups else 0
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        if isinstance(group["lr"], Tensor):
+            raise ValueError(
+                f"lr={group['lr']!r} is invalid: a Tensor lr is not supported by TVLARS; "
+                "expected a float > 0"
+            )
         check_positive("lr", group["lr"])
         check_unit_interval("momentum", group["momentum"])
         check_non_negative("weight_decay", group["weight_decay"])
@@ -289,6 +225,10 @@ class TVLARS(Optimizer):
             check_positive("norm_clip", group["norm_clip"])
         if not isinstance(group["adapt"], bool):
             raise TypeError(f"adapt={group['adapt']!r} is invalid: expected True or False")
+        if group["foreach"] not in (None, True, False):
+            raise ValueError(
+                f"foreach={group['foreach']!r} is invalid: expected None, True or False"
+            )
         for p in group["params"]:
             if is_flat_parameter(p):
                 raise ValueError(
@@ -303,13 +243,22 @@ class TVLARS(Optimizer):
                 )
         group["step"] = step  # one counter shared by all groups, see step_count
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps defaults, state and param_groups; the phase is needed to step too.
+        # Scratch memory, the reduction plan and FSDP1 process groups are not copied: a copy
+        # builds its own (and an FSDP1 copy must be attached to its model again).
+        return {**super().__getstate__(), "phase": self.phase}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("phase", None)
+        self._layouts = Layouts()
+        self._last = {}
+        self._fsdp1_groups = {}
+        self._plan = None
         for group in self.param_groups:
             group.setdefault("step", 0)
-        self.__dict__.setdefault("_last", {})
-        self.__dict__.setdefault("_fsdp1_groups", {})
-        self.__dict__.setdefault("_plan", None)
+            group.setdefault("foreach", None)
 
     # ------------------------------------------------------------------ sharding
 
@@ -360,26 +309,36 @@ class TVLARS(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-
-        views = [view for group in self.param_groups if (view := self._view(group)).params]
-        if not views:
-            return loss
         t = self.step_count
-        foreach = self._use_foreach(views)
-        phi = self._phase_value(t, views[0].weights[0].device)
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)  # set by GradScaler
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        groups = [tensors for group in self.param_groups if (tensors := self._gather(group)).params]
+        if not groups:
+            self._finish(StepRecord.empty(t, self._phase_value(t, torch.device("cpu"))))
+            return loss
+        device = groups[0].weights[0].device
+        phi = self._phase_value(t, device)
+        if grad_scale is not None:
+            _unscale_([g for tensors in groups for g in tensors.grads], grad_scale)
 
-        updates = [self._updates_foreach(view) for view in views] if foreach else None
-        local = self._local_norms(views, updates)
-        plan = self._reduction_plan([p for view in views for p in view.params])
-        weight_norm, update_norm = plan.reduce(local).split(len(plan.counts))
+        updates = [self._updates(tensors) for tensors in groups]
+        norms = [update.norms() for group_updates in updates for update in group_updates]
+        ordered = [
+            (tensors, [i for update in group_updates for i in update.order])
+            for tensors, group_updates in zip(groups, updates, strict=True)
+        ]
+        params = [tensors.params[i] for tensors, order in ordered for i in order]
+        local = torch.cat([w.to(device) for w, _ in norms] + [u.to(device) for _, u in norms])
+        weight_norm, update_norm = self._reduction_plan(params).reduce(local).split(len(params))
         skipped = update_norm.isfinite().all().logical_not()
-        found_inf = skipped.to(torch.float32)  # the fused kernel's form of the same flag
+        if found_inf is not None:
+            skipped = skipped | (found_inf.to(device) > 0)
+        flags = StepFlags(skipped)
 
-        ratios: list[Tensor | None] = []
+        records: list[GroupRecord] = []
         start = 0
-        for index, view in enumerate(views):
-            end = start + len(view.params)
-            group = view.group
+        for (tensors, order), group_updates in zip(ordered, updates, strict=True):
+            group, end = tensors.group, start + len(order)
             ratio = scale = None
             if group["adapt"]:
                 ratio = trust_ratio(
@@ -389,29 +348,33 @@ class TVLARS(Optimizer):
                     group["norm_clip"],
                 )
                 scale = ratio if isinstance(phi, float) and phi == 1.0 else ratio * phi
-            if updates is not None:
-                self._apply_foreach(view, updates[index], scale, found_inf)
-            else:
-                self._apply_single(view, scale, skipped, found_inf)
-            ratios.append(ratio)
+            offset = 0
+            for update in group_updates:
+                n = len(update.order)
+                update.apply(scale[offset : offset + n] if scale is not None else None, flags)
+                offset += n
+            records.append(
+                GroupRecord(
+                    [tensors.params[i] for i in order],
+                    [tensors.names[i] for i in order],
+                    group["adapt"],
+                    float(group["lr"]),
+                    ratio,
+                )
+            )
             start = end
-
-        self._last["step"] = _LastStep(
-            t,
-            phi,
-            [(v.params, v.names, v.group["adapt"], float(v.group["lr"])) for v in views],
-            weight_norm,
-            update_norm,
-            ratios,
-            skipped,
-        )
-        for group in self.param_groups:
-            group["step"] = t + 1
+        self._finish(StepRecord(t, phi, records, weight_norm, update_norm, skipped))
         return loss
 
-    def _view(self, group: dict[str, Any]) -> _GroupView:
+    def _finish(self, record: StepRecord) -> None:
+        self._last["step"] = record
+        for group in self.param_groups:
+            group["step"] = record.step + 1
+
+    def _gather(self, group: dict[str, Any]) -> GroupTensors:
+        """The local weight, gradient and momentum buffer of every parameter with a gradient."""
         names = group.get("param_names")
-        view = _GroupView(group, [], [], [], [], [])
+        tensors = GroupTensors(group)
         for i, p in enumerate(group["params"]):
             weight = local_tensor(p)
             if p.grad is not None:
@@ -424,18 +387,50 @@ class TVLARS(Optimizer):
                 continue
             if grad.is_sparse:
                 raise TypeError("TVLARS does not support sparse gradients")
-            view.params.append(p)
-            view.names.append(names[i] if names else None)
-            view.weights.append(weight)
-            view.grads.append(grad)
+            tensors.params.append(p)
+            tensors.names.append(names[i] if names else None)
+            tensors.weights.append(weight)
+            tensors.grads.append(grad)
             if group["momentum"] != 0:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
-                view.buffers.append(local_tensor(state["momentum_buffer"]))
-        return view
+                tensors.buffers.append(local_tensor(state["momentum_buffer"]))
+        return tensors
+
+    def _updates(self, tensors: GroupTensors) -> list[Update]:
+        """Split a group between the implementations (see :mod:`~lightning_tvlars.optim.update`).
+
+        Multi-tensor (``foreach`` None or True) for every tensor whose layout the fused kernels
+        take, one batch set per device and dtype; the elementwise path for the others, for
+        ``foreach=False``, for devices without fused kernels and under ``torch.compile``.
+        """
+        everything = list(range(len(tensors.params)))
+        foreach = tensors.group["foreach"]
+        if torch.compiler.is_compiling() or foreach is False:
+            # Inductor fuses the elementwise path; the fused kernel has no fake implementation.
+            return [PlainUpdate(tensors, everything)]
+        supported = _get_fused_kernels_supported_devices()
+        if foreach and any(tensors.weights[i].device.type not in supported for i in everything):
+            raise ValueError(
+                "foreach=True is invalid here: the multi-tensor path needs devices in "
+                f"{sorted(supported)}"
+            )
+        fused: list[int] = []
+        plain: list[int] = []
+        for i in everything:
+            w = tensors.weights[i]
+            ok = w.device.type in supported and fused_layout(w, tensors.grads[i], tensors.buffer(i))
+            (fused if ok else plain).append(i)
+        updates: list[Update] = [PlainUpdate(tensors, plain)] if plain else []
+        buckets = by_device_and_dtype([tensors.weights[i] for i in fused])
+        updates += [
+            MultiTensorUpdate(tensors, [fused[k] for k in bucket], self._layouts)
+            for bucket in buckets.values()
+        ]
+        return updates
 
     def _phase_value(self, t: int, device: torch.device) -> float | Tensor:
         """phi(t): a host float in eager mode; a tensor op while ``torch.compile`` traces."""
@@ -445,123 +440,9 @@ class TVLARS(Optimizer):
             return self.phase.tensor(torch.scalar_tensor(t, device=device))
         return float(self.phase(t))
 
-    def _use_foreach(self, views: list[_GroupView]) -> bool:
-        if self.foreach is False or torch.compiler.is_compiling():
-            # Under torch.compile, Inductor fuses the per-tensor ops of the reference path;
-            # torch's fused SGD kernel has no fake implementation and cannot be traced.
-            return False
-        ok = fused_kernel_supports([w for view in views for w in view.weights])
-        if self.foreach and not ok:
-            raise ValueError(
-                "foreach=True is invalid here: the multi-tensor path needs devices in "
-                f"{sorted(_get_fused_kernels_supported_devices())}"
-            )
-        return ok
 
-    @staticmethod
-    def _update(weight: Tensor, grad: Tensor, decay: float) -> Tensor:
-        """``u = g + weight_decay * w`` for one tensor (``g`` itself without decay)."""
-        return grad if decay == 0 else grad.add(weight, alpha=decay)
-
-    @staticmethod
-    def _updates_foreach(view: _GroupView) -> list[Tensor]:
-        """``u = g + weight_decay * w`` for a whole group in one multi-tensor operation."""
-        decay = view.group["weight_decay"]
-        if decay == 0:
-            return view.grads
-        return list(torch._foreach_add(view.grads, view.weights, alpha=decay))
-
-    def _local_norms(self, views: list[_GroupView], updates: list[list[Tensor]] | None) -> Tensor:
-        """``[||w_1||, .., ||w_n||, ||u_1||, .., ||u_n||]`` of the local tensors.
-
-        Multi-tensor path: one ``_foreach_norm`` over the updates formed for the whole step.
-        Per-tensor path: each ``u`` is formed, measured while in cache and freed (it is formed
-        again in the update), so no gradient-sized temporary outlives one tensor.
-        """
-        weights = [w for view in views for w in view.weights]
-        if updates is not None:
-            return local_norms([*weights, *(u for us in updates for u in us)], foreach=True)
-        dtype = accumulation_dtype(weights)
-        norms = [torch.linalg.vector_norm(w, dtype=dtype) for w in weights]
-        for view in views:
-            decay = view.group["weight_decay"]
-            norms += [
-                torch.linalg.vector_norm(self._update(w, g, decay), dtype=dtype)
-                for w, g in zip(view.weights, view.grads, strict=True)
-            ]
-        return torch.stack(norms)
-
-    @staticmethod
-    def _fused_momentum_step(
-        weights: list[Tensor],
-        updates: list[Tensor],
-        buffers: list[Tensor],
-        group: dict[str, Any],
-        found_inf: Tensor,
-    ) -> None:
-        """``b = m b + u; w -= lr b`` in torch's fused SGD kernel, a no-op if ``found_inf``."""
-        torch._fused_sgd_(
-            weights,
-            updates,
-            buffers,
-            weight_decay=0.0,
-            momentum=group["momentum"],
-            lr=group["lr"],
-            dampening=0.0,
-            nesterov=False,
-            maximize=False,
-            is_first_step=False,  # buffers start at zero: m * 0 + u == u
-            grad_scale=None,
-            found_inf=found_inf,
-        )
-
-    @staticmethod
-    def _apply_foreach(
-        view: _GroupView, updates: list[Tensor], scale: Tensor | None, found_inf: Tensor
-    ) -> None:
-        """``b = m b + scale * u; w -= lr b`` with one foreach scale and torch's fused SGD."""
-        if scale is not None:
-            factors = scale.unbind()
-            if updates is view.grads:  # never scale the user's gradients in place
-                updates = list(torch._foreach_mul(updates, factors))
-            else:
-                torch._foreach_mul_(updates, factors)
-        group = view.group
-        buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-        for i, w in enumerate(view.weights):
-            buckets[(w.device, w.dtype)].append(i)
-        for index in buckets.values():
-            TVLARS._fused_momentum_step(
-                [view.weights[i] for i in index],
-                [updates[i] for i in index],
-                [view.buffers[i] for i in index] if view.buffers else [],
-                group,
-                found_inf,
-            )
-
-    @staticmethod
-    def _apply_single(
-        view: _GroupView, scale: Tensor | None, skipped: Tensor, found_inf: Tensor
-    ) -> None:
-        """The same update one tensor at a time, forming ``u`` again while it is in cache.
-
-        Eagerly each tensor goes through torch's fused SGD kernel (skipped on the device when
-        ``skipped``); while ``torch.compile`` traces, plain ops with ``torch.where``, which
-        Inductor fuses.
-        """
-        group = view.group
-        momentum, lr, decay = group["momentum"], group["lr"], group["weight_decay"]
-        fused = not torch.compiler.is_compiling() and fused_kernel_supports(view.weights)
-        for i, (w, g) in enumerate(zip(view.weights, view.grads, strict=True)):
-            u = TVLARS._update(w, g, decay)
-            if scale is not None:
-                u = u * scale[i] if u is g else u.mul_(scale[i])
-            if fused:
-                buffers = [view.buffers[i]] if momentum != 0 else []
-                TVLARS._fused_momentum_step([w], [u], buffers, group, found_inf)
-                continue
-            if momentum != 0:
-                buf = view.buffers[i]
-                buf.copy_(torch.where(skipped, buf, buf * momentum + u))
-                u = buf
-            w.copy_(torch.where(skipped, w, w - lr * u))
+def _unscale_(grads: list[Tensor], grad_scale: Tensor) -> None:
+    """Divide gradients in place by GradScaler's scale, one multi-tensor call per device/dtype."""
+    inverse = grad_scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
+    for (device, _), index in by_device_and_dtype(grads).items():
+        torch._foreach_mul_([grads[i] for i in index], inverse.to(device))

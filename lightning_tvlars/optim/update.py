@@ -1,0 +1,390 @@
+r"""The TVLARS update, in two implementations that compute the same thing.
+
+A step has two phases: the trust ratio needs whole-tensor norms, and the skip decision (a
+non-finite update anywhere skips the whole step) needs all of them before anything is written:
+
+1. **norms**: :math:`\|w\|` and :math:`\|u\|`, :math:`u = g + \beta w`, of every local tensor;
+2. **update**: :math:`b \leftarrow m b + s u,\ w \leftarrow w - \eta_{lr} b` with the per-tensor
+   scale :math:`s = \phi(t)\, r` (adapted groups) or 1; a no-op on the device when skipped.
+
+:class:`MultiTensorUpdate` (``foreach=None`` or ``True``) runs a fixed number of multi-tensor
+operations per *batch* of tensors, every one on ATen's fast route (one device and dtype per
+call, dense tensors, paired tensors of equal sizes and strides), so on CUDA the kernel count
+does not grow with the number of tensors. ``u`` is formed in a workspace in which every tensor
+starts on a ``BLOCK`` boundary: the per-tensor scale is then one broadcast multiply of the
+workspace seen as ``(blocks, BLOCK)`` by a per-block factor, followed by torch's fused
+momentum-SGD kernel. On accelerators the whole group is one batch and the workspace keeps ``u``
+between the phases. On CPU a batch holds at most ``CPU_BATCH`` elements (tensors larger than
+that are cut into 1-D pieces), phase 2 forms ``u`` again while the batch is in cache, and one
+batch-sized workspace serves all batches: each tensor is streamed about 7 times per step
+(``SGD(fused=True)``: 5). Groups that are not adapted and not decayed need no workspace at all:
+the fused kernel reads the gradients directly.
+
+:class:`PlainUpdate` (``foreach=False``, and ``torch.compile``, whose Inductor fuses it) is the
+reference: elementwise operations per tensor, any layout (gaps, transposes, gradients whose
+strides differ from the parameter's), any device. :class:`~lightning_tvlars.TVLARS` also sends
+it the tensors whose layout the fused kernels cannot take.
+
+Neither reads a device value on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_tvlars.optim.norms import accumulation_dtype
+
+#: Elements per block of the workspace (every tensor or piece starts on a block boundary).
+BLOCK = 512
+#: Most elements in one batch on CPU: the batch's w, g, u and b (16 MB in float32) stay in L3.
+CPU_BATCH = 1 << 20
+
+
+@dataclass
+class GroupTensors:
+    """The tensors of one parameter group that are updated this step (local pieces)."""
+
+    group: dict[str, Any]
+    params: list[Tensor] = field(default_factory=list)  # as held: maybe DTensor / FSDP1 views
+    names: list[str | None] = field(default_factory=list)
+    weights: list[Tensor] = field(default_factory=list)  # what the kernels read and write
+    grads: list[Tensor] = field(default_factory=list)
+    buffers: list[Tensor] = field(default_factory=list)  # empty when momentum == 0
+
+    def buffer(self, i: int) -> Tensor | None:
+        return self.buffers[i] if self.buffers else None
+
+
+def is_dense(t: Tensor) -> bool:
+    """True when ``t`` covers a contiguous run of memory without gaps or overlaps."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def fused_layout(weight: Tensor, grad: Tensor, buffer: Tensor | None) -> bool:
+    """Whether the multi-tensor path may take this tensor: the fused kernel indexes weight,
+    gradient and buffer by memory position, so all must be dense with one layout and dtype."""
+    stride = weight.stride()
+    return (
+        grad.dtype == weight.dtype
+        and grad.device == weight.device
+        and grad.stride() == stride
+        and (buffer is None or buffer.stride() == stride)
+        and is_dense(weight)
+    )
+
+
+def flat(t: Tensor) -> Tensor:
+    """A dense tensor as the 1-D run of memory it occupies (its elements in memory order)."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def by_device_and_dtype(
+    tensors: Sequence[Tensor],
+) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of ``tensors`` grouped by device and dtype, in order (one multi-tensor call each)."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        buckets[(t.device, t.dtype)].append(i)
+    return buckets
+
+
+class StepFlags:
+    """The step's skip decision, copied once to each device that needs it (no host sync)."""
+
+    def __init__(self, skipped: Tensor) -> None:
+        self._skipped: dict[torch.device, Tensor] = {skipped.device: skipped}
+        self._found_inf: dict[torch.device, Tensor] = {}
+
+    def skipped(self, device: torch.device) -> Tensor:
+        """A bool scalar on ``device``: True when the whole step is a no-op."""
+        if device not in self._skipped:
+            first = next(iter(self._skipped.values()))
+            self._skipped[device] = first.to(device, non_blocking=True)
+        return self._skipped[device]
+
+    def found_inf(self, device: torch.device) -> Tensor:
+        """The same decision in the float32 form that torch's fused kernels read."""
+        if device not in self._found_inf:
+            self._found_inf[device] = self.skipped(device).to(torch.float32)
+        return self._found_inf[device]
+
+
+class PlainUpdate:
+    """Elementwise ops per tensor: any layout, any device, and the path Inductor fuses."""
+
+    def __init__(self, tensors: GroupTensors, order: list[int]) -> None:
+        self.tensors, self.order = tensors, order
+        self._updates: list[Tensor] = []
+
+    def norms(self) -> tuple[Tensor, Tensor]:
+        t, decay = self.tensors, self.tensors.group["weight_decay"]
+        weights = [t.weights[i] for i in self.order]
+        self._updates = [
+            t.grads[i] if decay == 0 else t.grads[i].add(t.weights[i], alpha=decay)
+            for i in self.order
+        ]
+        dtype = accumulation_dtype(weights)
+        device = weights[0].device
+        return (
+            torch.stack([torch.linalg.vector_norm(w, dtype=dtype).to(device) for w in weights]),
+            torch.stack(
+                [torch.linalg.vector_norm(u, dtype=dtype).to(device) for u in self._updates]
+            ),
+        )
+
+    def apply(self, scale: Tensor | None, flags: StepFlags) -> None:
+        t, group = self.tensors, self.tensors.group
+        momentum, lr = group["momentum"], group["lr"]
+        for k, (i, u) in enumerate(zip(self.order, self._updates, strict=True)):
+            w = t.weights[i]
+            skipped = flags.skipped(w.device)
+            if scale is not None:
+                u = u * scale[k].to(w.device)
+            buffer = t.buffer(i)
+            if buffer is not None:
+                buffer.copy_(torch.where(skipped, buffer, buffer * momentum + u))
+                u = buffer
+            w.copy_(torch.where(skipped, w, w - lr * u))
+        self._updates = []
+
+
+@dataclass
+class Batch:
+    """Tensors (or 1-D pieces of big ones) that go through the multi-tensor ops together.
+
+    ``weights``, ``buffers`` and ``views`` (the workspace, laid out like the weights) are
+    views made once; ``pieces`` says where each entry comes from: ``(tensor, piece)`` with
+    ``piece`` None for a whole tensor.
+    """
+
+    pieces: list[tuple[int, int | None]]
+    weights: list[Tensor]
+    buffers: list[Tensor]
+    views: list[Tensor]
+    matrix: Tensor  # the batch's workspace as (blocks, BLOCK)
+    owner: Tensor  # per block: the position (in the layout's order) of the tensor it holds
+
+
+@dataclass
+class Layout:
+    """How one group's tensors of one device and dtype are cut into batches (built once).
+
+    Attributes:
+        order: the group's tensor indices, in the order of the returned norms and scales.
+        owner: per entry of all batches, the position of its tensor in ``order`` (only
+            needed when big tensors are cut into pieces: their norms are then summed).
+    """
+
+    signature: tuple[Any, ...]
+    order: list[int]
+    batches: list[Batch]
+    owner: Tensor | None
+
+    @staticmethod
+    def signature_of(tensors: GroupTensors, order: list[int], workspace: bool) -> tuple[Any, ...]:
+        return (workspace, *((t.data_ptr(), t.shape, t.stride()) for t in _stable(tensors, order)))
+
+    @classmethod
+    def build(
+        cls, tensors: GroupTensors, order: list[int], workspace: bool, batch_size: int | None
+    ) -> Layout:
+        weights = [tensors.weights[i] for i in order]
+        # Cut tensors bigger than a batch into 1-D pieces, then fill batches in order.
+        entries: list[tuple[int, int | None, int]] = []  # (position, piece, numel)
+        for k, w in enumerate(weights):
+            n = w.numel()
+            if batch_size is None or n <= batch_size:
+                entries.append((k, None, n))
+            else:
+                entries += [
+                    (k, j, min(batch_size, n - a)) for j, a in enumerate(range(0, n, batch_size))
+                ]
+        chunks: list[list[tuple[int, int | None, int]]] = [[]]
+        filled = 0
+        for entry in entries:
+            blocks = max(1, math.ceil(entry[2] / BLOCK)) * BLOCK
+            if chunks[-1] and batch_size is not None and filled + blocks > batch_size + BLOCK:
+                chunks.append([])
+                filled = 0
+            chunks[-1].append(entry)
+            filled += blocks
+        size = max(sum(max(1, math.ceil(n / BLOCK)) for _, _, n in c) for c in chunks)
+        device, dtype = weights[0].device, weights[0].dtype
+        buffer = torch.zeros(size * BLOCK if workspace else 0, dtype=dtype, device=device)
+        batches = []
+        for chunk in chunks:
+            views, owners, offset = [], [], 0
+            ws, bs = [], []
+            for position, piece, n in chunk:
+                i = order[position]
+                w, b = tensors.weights[i], tensors.buffer(i)
+                if piece is None:
+                    ws.append(w)
+                    if b is not None:
+                        bs.append(b)
+                    shape, stride = tuple(w.shape), w.stride()
+                else:
+                    start = piece * batch_size  # type: ignore[operator]
+                    ws.append(flat(w)[start : start + n])
+                    if b is not None:
+                        bs.append(flat(b)[start : start + n])
+                    shape, stride = (n,), (1,)
+                blocks = max(1, math.ceil(n / BLOCK))
+                if workspace:
+                    views.append(buffer.as_strided(shape, stride, offset))
+                owners += [position] * blocks
+                offset += blocks * BLOCK
+            matrix = buffer[:offset].view(-1, BLOCK) if workspace else buffer
+            owners_ = torch.tensor(owners, device=device)
+            batches.append(Batch([(p, j) for p, j, _ in chunk], ws, bs, views, matrix, owners_))
+        pieces = any(j is not None for _, j, _ in entries)
+        owner = torch.tensor([p for p, _, _ in entries], device=device) if pieces else None
+        return cls(cls.signature_of(tensors, order, workspace), order, batches, owner)
+
+
+def _stable(tensors: GroupTensors, order: list[int]) -> list[Tensor]:
+    """The tensors a layout keeps views of: weights and momentum buffers."""
+    return [tensors.weights[i] for i in order] + [
+        tensors.buffers[i] for i in order if tensors.buffers
+    ]
+
+
+def _fused_momentum_step(
+    weights: list[Tensor],
+    updates: list[Tensor],
+    buffers: list[Tensor],
+    group: dict[str, Any],
+    found_inf: Tensor,
+) -> None:
+    """``b = m b + u; w -= lr b`` in torch's fused SGD kernel; a no-op if ``found_inf``."""
+    torch._fused_sgd_(
+        weights,
+        updates,
+        buffers,
+        weight_decay=0.0,
+        momentum=group["momentum"],
+        lr=group["lr"],
+        dampening=0.0,
+        nesterov=False,
+        maximize=False,
+        is_first_step=False,  # buffers start at zero: m * 0 + u == u
+        grad_scale=None,
+        found_inf=found_inf,
+    )
+
+
+class MultiTensorUpdate:
+    """A fixed number of fast-route multi-tensor operations per batch (see the module doc)."""
+
+    def __init__(self, tensors: GroupTensors, order: list[int], layouts: Layouts) -> None:
+        self.tensors, self.order = tensors, order
+        group = tensors.group
+        # Scaled or decayed updates need a workspace; plain momentum SGD reads the gradients.
+        self.workspace = group["adapt"] or group["weight_decay"] != 0
+        device = tensors.weights[order[0]].device
+        cpu = device.type == "cpu"
+        self.layout = layouts.get(
+            id(group), tensors, order, self.workspace, CPU_BATCH if cpu else None
+        )
+        self.recompute = cpu and self.workspace and len(self.layout.batches) > 1
+        self._grads: list[list[Tensor]] = []
+
+    def _batch_grads(self) -> list[list[Tensor]]:
+        """This step's gradients (or their pieces), batch by batch."""
+        t, order = self.tensors, self.order
+        pieces: dict[int, tuple[Tensor, ...]] = {}
+        out = []
+        for batch in self.layout.batches:
+            grads = []
+            for position, piece in batch.pieces:
+                g = t.grads[order[position]]
+                if piece is None:
+                    grads.append(g)
+                else:
+                    if position not in pieces:
+                        pieces[position] = flat(g).split(CPU_BATCH)
+                    grads.append(pieces[position][piece])
+            out.append(grads)
+        return out
+
+    def _form_updates(self, batch: Batch, grads: list[Tensor]) -> list[Tensor]:
+        """``u = g + weight_decay * w`` in the workspace (or ``g`` itself without one)."""
+        if not self.workspace:
+            return grads
+        torch._foreach_copy_(batch.views, grads)
+        decay = self.tensors.group["weight_decay"]
+        if decay != 0:
+            torch._foreach_add_(batch.views, batch.weights, alpha=decay)
+        return batch.views
+
+    def norms(self) -> tuple[Tensor, Tensor]:
+        self._grads = self._batch_grads()
+        dtype = accumulation_dtype(self.layout.batches[0].weights)
+        weight_norms: list[Tensor] = []
+        update_norms: list[Tensor] = []
+        for batch, grads in zip(self.layout.batches, self._grads, strict=True):
+            updates = self._form_updates(batch, grads)
+            norms = torch._foreach_norm([*batch.weights, *updates], 2, dtype=dtype)
+            weight_norms += norms[: len(updates)]
+            update_norms += norms[len(updates) :]
+        w, u = torch.stack(weight_norms), torch.stack(update_norms)
+        owner = self.layout.owner
+        if owner is not None:  # pieces of big tensors: sum their squares per tensor
+            both = torch.stack([w, u], dim=1).square()
+            total = both.new_zeros(len(self.order), 2).index_add_(0, owner, both).sqrt()
+            w, u = total.unbind(1)
+        return w, u
+
+    def apply(self, scale: Tensor | None, flags: StepFlags) -> None:
+        t = self.tensors
+        device = self.layout.batches[0].owner.device
+        found_inf = flags.found_inf(device)
+        if scale is not None:
+            scale = scale.to(device, non_blocking=True)
+        for batch, grads in zip(self.layout.batches, self._grads, strict=True):
+            updates = (
+                self._form_updates(batch, grads)
+                if self.recompute
+                else (batch.views if self.workspace else grads)
+            )
+            if scale is not None:
+                batch.matrix.mul_(scale.index_select(0, batch.owner).unsqueeze(1))
+            _fused_momentum_step(batch.weights, updates, batch.buffers, t.group, found_inf)
+        self._grads = []
+
+
+class Layouts:
+    """The optimizer's cache of layouts and workspaces (scratch memory, never saved)."""
+
+    def __init__(self) -> None:
+        self._layouts: dict[tuple[int, torch.device, torch.dtype], Layout] = {}
+
+    def get(
+        self,
+        slot: int,
+        tensors: GroupTensors,
+        order: list[int],
+        workspace: bool,
+        batch_size: int | None,
+    ) -> Layout:
+        """The layout of this group's tensors of one device and dtype (rebuilt when they change)."""
+        first = tensors.weights[order[0]]
+        key = (slot, first.device, first.dtype)
+        layout = self._layouts.get(key)
+        if layout is None or layout.signature != Layout.signature_of(tensors, order, workspace):
+            layout = self._layouts[key] = Layout.build(tensors, order, workspace, batch_size)
+        return layout
