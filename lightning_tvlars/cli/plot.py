@@ -49,6 +49,8 @@ DEFAULT_DPI = 120
 #: Per-layer curves get a legend up to this many layers, else a colour by depth.
 LEGEND_MAX_LAYERS = 10
 FIGURE_WIDTH = 12.0
+#: Series of at most this many points are drawn with dots on the line.
+MARKERS_UP_TO = 30
 
 _TVLARS_NAME = re.compile(r"^tvlars(_\d+)?/")
 _NOT_PER_LAYER = {"sharpness"}  # <prefix>/sharpness/<what> are whole-model quantities
@@ -84,17 +86,25 @@ def _runs_below(directory: Path, depth: int) -> list[Path]:
     return [run for child in children for run in _runs_below(child, depth - 1)]
 
 
-def _written(log: Path) -> float:
+def _age(log: Path) -> tuple[float, int, list[Any]]:
+    """Sort key: last write, then the N of ``version_N`` (coarse clocks tie), then the name."""
     files = [log] if log.is_file() else [p for p in log.glob(EVENTS_GLOB) if p.is_file()]
-    return max(p.stat().st_mtime for p in files)
+    run = log if log.is_dir() else log.parent
+    version = re.fullmatch(r"version_(\d+)", run.name)
+    return (
+        max(p.stat().st_mtime for p in files),
+        int(version[1]) if version else -1,
+        _natural(str(log)),
+    )
 
 
 def find_logs(path: str | Path) -> list[Path]:
-    """The logs at or below ``path``, oldest first (by last write); the last is the newest.
+    """The logs at or below ``path``, oldest first; the last is the newest.
 
     Each log is a ``metrics.csv`` file, a TensorBoard event file, or a directory holding event
     files. ``path`` is such a file, a run directory, or a directory up to ``SEARCH_DEPTH``
-    levels above runs.
+    levels above runs. Newest means last written (the newest file of a run), then the higher
+    ``version_N``. A directory holding both kinds of log counts once, as its ``metrics.csv``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -117,7 +127,7 @@ def find_logs(path: str | Path) -> list[Path]:
             f"{SEARCH_DEPTH} levels below; expected a Lightning log directory (e.g. "
             "lightning_logs/version_0), a directory above such runs, or the log file itself"
         )
-    return sorted(runs, key=lambda log: (_written(log), _natural(str(log))))
+    return sorted(runs, key=_age)
 
 
 # ---------------------------------------------------------------------------- reading logs
@@ -215,6 +225,13 @@ def _joined(*series: Sequence[tuple[int, float]]) -> tuple[list[int], list[list[
     maps = [dict(s) for s in series]
     steps = sorted(set.intersection(*(set(m) for m in maps))) if maps else []
     return steps, [[m[s] for s in steps] for m in maps]
+
+
+def _line(ax: Axes, xy: tuple[list[int], list[float]], *fmt: str, **kwargs: Any) -> list[Any]:
+    """``ax.plot`` with dots when there are few points (a lone point has no line to show)."""
+    if len(xy[0]) <= MARKERS_UP_TO:
+        kwargs = {"marker": "o", "markersize": 3, **kwargs}
+    return ax.plot(*xy, *fmt, **kwargs)
 
 
 def _note(ax: Axes, text: str) -> None:
@@ -344,7 +361,7 @@ def plot_metrics(
         ax.set_title(f"phase phi(t)   [{prefix}/phase]")
         if not phase:
             return _note(ax, f"no {prefix}/phase in this log")
-        ax.plot(*_finite(phase), color="C0")
+        _line(ax, _finite(phase), color="C0")
         bad = [s for s, v in skipped if v > 0]
         if bad:
             at = dict(phase)
@@ -359,7 +376,7 @@ def plot_metrics(
         if not lr:
             return _note(ax, f"no {prefix}/lr in this log")
         steps, values = _finite(lr)
-        ax.plot(steps, values, color="C1")
+        _line(ax, (steps, values), color="C1")
         if values and min(values) > 0 and max(values) > 100 * min(values):
             ax.set_yscale("log")
 
@@ -368,11 +385,11 @@ def plot_metrics(
         steps, (lows, mids, highs) = _joined(r_min, r_med, r_max)
         if not steps:
             if r_med:
-                ax.plot(*_positive(r_med), color="C2", label="median")
+                _line(ax, _positive(r_med), color="C2", label="median")
                 return _log_y(ax, _positive(r_med)[1])
             return _note(ax, f"no {prefix}/trust_ratio_{{min,median,max}} in this log")
         ax.fill_between(steps, lows, highs, color="C2", alpha=0.25, lw=0, label="min-max")
-        ax.plot(steps, mids, color="C2", label="median")
+        _line(ax, (steps, mids), color="C2", label="median")
         _log_y(ax, [v for v in lows + mids + highs if math.isfinite(v)])
         ax.legend(fontsize=7)
 
@@ -383,7 +400,7 @@ def plot_metrics(
             return _note(ax, f"needs {prefix}/lr, {prefix}/phase and {prefix}/trust_ratio_median")
         product = [x * y * z for x, y, z in zip(a, b, c, strict=True)]
         xs, ys = _positive(list(zip(steps, product, strict=True)))
-        ax.plot(xs, ys, color="C4")
+        _line(ax, (xs, ys), color="C4")
         _log_y(ax, ys)
 
     def draw_sharpness(ax: Axes) -> None:
@@ -391,7 +408,7 @@ def plot_metrics(
         values: list[float] = []
         for name, series in sharpness.items():
             xs, ys = _finite(series)
-            ax.plot(xs, ys, label=name)
+            _line(ax, (xs, ys), label=name)
             values += ys
         _log_y(ax, values)
         ax.legend(fontsize=7)
@@ -400,15 +417,15 @@ def plot_metrics(
         ax.set_title("training metrics")
         handles = []
         for i, name in enumerate(losses):
-            handles += ax.plot(*_finite(metrics[name]), color=f"C{i}", label=name)
+            handles += _line(ax, _finite(metrics[name]), color=f"C{i}", label=name)
         if losses:
             ax.set_ylabel("loss")
         if accuracies:
             twin = ax.twinx() if losses else ax
             for i, name in enumerate(accuracies, start=len(losses)):
-                handles += twin.plot(*_finite(metrics[name]), "--", color=f"C{i}", label=name)
+                handles += _line(twin, _finite(metrics[name]), "--", color=f"C{i}", label=name)
             twin.set_ylabel("accuracy")
-        ax.legend(handles=handles, fontsize=7)
+        ax.legend(handles=handles, fontsize=7, loc="upper center")
 
     def draw_curves(ax: Axes) -> None:
         label = f"{prefix}/{metric}/<layer>"
@@ -430,7 +447,7 @@ def plot_metrics(
         values: list[float] = []
         for colour, (name, series) in zip(colours, layer_series.items(), strict=True):
             xs, ys = _positive(series)
-            ax.plot(xs, ys, color=colour, lw=1, label=name)
+            _line(ax, (xs, ys), color=colour, lw=1, label=name)
             values += ys
         _log_y(ax, values)
         if count > LEGEND_MAX_LAYERS:
@@ -471,7 +488,8 @@ def plot_metrics(
         every = max(1, math.ceil(len(shown) / DEFAULT_MAX_LAYERS))
         ticks = list(range(0, len(shown), every))
         ax.set_yticks(ticks, [shown[i] for i in ticks], fontsize=7)
-        bar = ax.figure.colorbar(mesh, ax=ax, pad=0.01)
+        # Next to the heatmap, in the margin the per-layer legend already takes.
+        bar = figure.colorbar(mesh, cax=ax.inset_axes((1.01, 0.0, 0.012, 1.0)))
         bar.set_label(f"log10 {metric}")
 
     halves: list[Callable[[Axes], None]] = [draw_phase, draw_lr, draw_summary, draw_effective]
