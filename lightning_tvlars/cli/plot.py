@@ -602,27 +602,43 @@ def main(argv: Sequence[str] | None = None) -> None:
         "is drawn), or a metrics.csv / events.out.tfevents.* file",
     )
     parser.add_argument(
-        "--out", type=Path, default=None, help="the PNG (default: PREFIX.png next to the log)"
+        "--out",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the PNG (default: PREFIX.png next to the log)",
     )
     parser.add_argument(
         "--prefix", default="tvlars", help="tvlars (first TVLARS optimizer), tvlars_1, ..."
     )
     parser.add_argument(
-        "--layers", type=_regex, default=None, help="only layers whose name matches this regex"
+        "--layers",
+        type=_regex,
+        default=None,
+        metavar="REGEX",
+        help="only layers whose name contains a match of this regular expression",
     )
     parser.add_argument(
         "--max-layers",
         type=_positive_int,
         default=DEFAULT_MAX_LAYERS,
+        metavar="N",
         help="heatmap rows at most (evenly spread over the model; default %(default)s)",
     )
     parser.add_argument(
         "--metric",
         default=DEFAULT_METRIC,
+        metavar="FAMILY",
         help="per-layer family of the curves and heatmap: trust_ratio (default), lnr, "
         "weight_norm, grad_norm, ...",
     )
-    parser.add_argument("--dpi", type=_positive_int, default=DEFAULT_DPI)
+    parser.add_argument(
+        "--dpi",
+        type=_positive_int,
+        default=DEFAULT_DPI,
+        metavar="N",
+        help=f"resolution (default %(default)s; the figure is {FIGURE_WIDTH:g} inches wide)",
+    )
     args = parser.parse_args(argv)
     try:
         logs = find_logs(args.logdir)
