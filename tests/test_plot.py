@@ -167,7 +167,7 @@ def _heatmap_rows(figure: object) -> list[str]:
     return [t.get_text() for t in ax.get_yticklabels()]
 
 
-def test_layers_regex_filters_curves_and_heatmap(runs: dict) -> None:
+def test_layers_regex_and_metric_select_the_per_layer_panels(runs: dict) -> None:
     metrics = load_metrics(runs["tb"])
     assert _heatmap_rows(plot_metrics(metrics)) == LAYERS
     figure = plot_metrics(metrics, layers=r"net\.3")
@@ -176,6 +176,14 @@ def test_layers_regex_filters_curves_and_heatmap(runs: dict) -> None:
     assert [line.get_label() for line in curves.get_lines()] == ["net.3.weight"]
     with pytest.raises(ValueError, match=r"--layers 'conv' matches none of the 2 layers"):
         plot_metrics(metrics, layers="conv")
+    # Any <prefix>/<family>/<layer> family: LNR is logged for every tensor, adapted or not.
+    assert _heatmap_rows(plot_metrics(metrics, metric="lnr", layers="bias")) == [
+        "net.0.bias",
+        "net.1.bias",
+        "net.3.bias",
+    ]
+    with pytest.raises(ValueError, match=r"families in this log: grad_norm, lnr, trust_ratio"):
+        plot_metrics(metrics, metric="lrn")
 
 
 def test_many_layers_are_subsampled_and_optional_panels_drawn() -> None:
@@ -206,8 +214,19 @@ def test_cli_entry_point_draws_and_prints_the_png(
     assert "2 runs found; drawing the newest" in captured.err and "version_1" in captured.err
     assert (tmp_path / "a.png").read_bytes()[:8] == PNG_SIGNATURE
 
-    cli.main(["plot", str(runs["tb"]), "--layers", "net.0", "--max-layers", "1", "--dpi", "30"])
-    assert capsys.readouterr().out.strip() == str(runs["tb"] / "tvlars.png")
+
+def test_cli_passes_every_option_to_plot_run(
+    runs: dict, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[tuple[tuple, dict]] = []
+    monkeypatch.setattr(plot, "plot_run", lambda *a, **k: calls.append((a, k)) or Path("x.png"))
+    argv = ["--prefix", "tvlars_1", "--layers", r"net\.0", "--max-layers", "3", "--dpi", "30"]
+    cli.main(["plot", str(runs["tb"]), "--out", "o.png", "--metric", "lnr", *argv])
+    ((args, kwargs),) = calls
+    assert args == (runs["tb"], Path("o.png"), "tvlars_1")
+    assert kwargs["layers"].pattern == r"net\.0"
+    assert (kwargs["max_layers"], kwargs["metric"], kwargs["dpi"]) == (3, "lnr", 30)
+    assert capsys.readouterr().out.strip() == "x.png"
 
 
 def test_cli_errors_exit_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
