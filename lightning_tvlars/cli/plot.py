@@ -7,13 +7,14 @@ Reads what :class:`~lightning_tvlars.TVLARSMonitor` logged, from the ``metrics.c
     trust ratio r: median, min-max  | effective step lr x phi x median r
     [sharpness]                     | [loss / accuracy]      (when logged)
     per-layer trust ratio curves (log y)
-    layer x step heatmap of log10 r (rows in model order)
+    layer x step heatmap of log10 r (rows in layer order, see below)
 
 ``LOGDIR`` is a run directory (``lightning_logs/version_3``), a directory above runs
 (``lightning_logs``: the newest run is drawn), or the log file itself. In a directory holding
 both kinds of log, ``metrics.csv`` is read. Lightning's ``CSVLogger`` sorts its columns, so
 layers read from a CSV are in natural order of their names (``net.2`` before ``net.10``);
-TensorBoard keeps the order in which the monitor logged them, which is the model's.
+TensorBoard keeps the order in which the monitor logged them, which is the model's. For
+example::
 
     lightning-tvlars plot lightning_logs                 # -> lightning_logs/version_N/tvlars.png
     lightning-tvlars plot lightning_logs/version_3 --layers 'encoder' --out encoder.png
