@@ -29,6 +29,7 @@ EXTRA_COMMANDS = {
     "bench": "lightning_tvlars.bench.accuracy:main",
     "bench-step": "lightning_tvlars.bench.step:main",
     "bench-monitor": "lightning_tvlars.bench.monitor:main",
+    "plot": "lightning_tvlars.cli.plot:main",
 }
 
 

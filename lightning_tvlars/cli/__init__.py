@@ -1,0 +1,1 @@
+"""Subcommands of the ``lightning-tvlars`` command line."""
