@@ -8,17 +8,25 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from lightning_tvlars.optim import TVLARS, TVLARSStepStats, param_groups, trust_ratio
-from lightning_tvlars.phase import SigmoidPhase
+from lightning_tvlars.optim import (
+    TVLARS,
+    GroupOverride,
+    TVLARSStepStats,
+    param_groups,
+    trust_ratio,
+)
+from lightning_tvlars.phase import ConstantPhase, SigmoidPhase
+from lightning_tvlars.schedule import FittedPhase, TVLARSScheduler
 
 __version__ = "0.1.0"
 
 _LIGHTNING_NAMES = (
-    "EffectiveBatchScaling",
+    "PhaseConfig",
+    "RunFacts",
+    "ScheduleSync",
     "TVLARSConfig",
     "TVLARSMixin",
     "TVLARSMonitor",
-    "TVLARSPlan",
     "configure_tvlars",
     "effective_batch_size",
     "scaled_lr",
@@ -26,7 +34,11 @@ _LIGHTNING_NAMES = (
 
 __all__ = [
     "TVLARS",
+    "ConstantPhase",
+    "FittedPhase",
+    "GroupOverride",
     "SigmoidPhase",
+    "TVLARSScheduler",
     "TVLARSStepStats",
     "__version__",
     "param_groups",

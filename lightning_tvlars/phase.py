@@ -112,16 +112,16 @@ class SigmoidPhase:
         half_step: float,
         end_step: float,
         *,
-        decayed_fraction: float = 0.99,
+        decayed_by_end: float = 0.99,
         alpha: float = 1.0,
         floor: float = 0.0,
     ) -> SigmoidPhase:
         """Build the phase from intent instead of ``decay`` and ``delay``.
 
-        phi is halfway between ceiling and floor at ``half_step`` and has lost
-        ``decayed_fraction`` of the way from ceiling to floor at ``end_step``.
+        phi is halfway between ceiling and floor at ``half_step`` and has covered
+        ``decayed_by_end`` of the way from ceiling to floor at ``end_step``.
 
-        With ``s = phi - floor`` and ceiling ``1/alpha``, losing a fraction ``q`` means
+        With ``s = phi - floor`` and ceiling ``1/alpha``, having covered a fraction ``q`` means
         ``1 / (alpha + e^x) = (1 - q) / alpha``, i.e. ``x = ln(alpha q / (1 - q))``. The two
         milestones then give ``decay = ln(q / (1 - q)) / (end_step - half_step)`` and
         ``delay = half_step - ln(alpha) / decay``.
@@ -132,7 +132,7 @@ class SigmoidPhase:
             raise ValueError(
                 f"end_step={end_step!r} is invalid: expected a step after half_step={half_step!r}"
             )
-        q = check_open_interval("decayed_fraction", decayed_fraction, 0.5, 1.0)
+        q = check_open_interval("decayed_by_end", decayed_by_end, 0.5, 1.0)
         alpha = check_positive("alpha", alpha)
         decay = math.log(q / (1.0 - q)) / (end - half)
         return cls(alpha=alpha, decay=decay, delay=half - math.log(alpha) / decay, floor=floor)
@@ -142,17 +142,39 @@ class SigmoidPhase:
         cls,
         total_steps: int,
         *,
-        half_fraction: float = 0.5,
-        decayed_fraction: float = 0.99,
+        half_at: float = 0.5,
+        decayed_by_end: float = 0.99,
         alpha: float = 1.0,
         floor: float = 0.0,
     ) -> SigmoidPhase:
-        """A phase scaled to a run: halfway at ``half_fraction`` of it, decayed by its end."""
+        """A phase scaled to a run: halfway at ``half_at`` of it, ``decayed_by_end`` at its end."""
         total = check_positive_int("total_steps", total_steps)
-        frac = check_unit_interval("half_fraction", half_fraction)
+        frac = check_unit_interval("half_at", half_at)
         return cls.from_milestones(
-            frac * total, total, decayed_fraction=decayed_fraction, alpha=alpha, floor=floor
+            frac * total, total, decayed_by_end=decayed_by_end, alpha=alpha, floor=floor
         )
+
+    def continued(
+        self, step: int, end_step: float, *, decayed_by_end: float = 0.99
+    ) -> SigmoidPhase:
+        """The phase with the same ceiling and floor that takes over at ``step`` without a jump.
+
+        It passes through ``(step, phi(step))`` and has covered ``decayed_by_end`` of the way
+        from ceiling to floor at ``end_step``: what a run that gets longer (or shorter) needs.
+        With ``s = phi - floor``, ``1/(alpha + e^{lambda (t - d)}) = s`` at both points gives
+        ``lambda = ln(A_1 / A_0) / (end_step - step)`` with ``A_0 = 1/s(step) - alpha`` and
+        ``A_1 = alpha q / (1 - q)``, then ``d = step - ln(A_0) / lambda``. If phi has already
+        decayed that far at ``step`` (or ``end_step <= step``), it keeps ``self``, which goes on
+        decaying towards the floor.
+        """
+        q = check_open_interval("decayed_by_end", decayed_by_end, 0.5, 1.0)
+        s0 = self(step) - self.floor
+        a0 = 1.0 / s0 - self.alpha if s0 > 0 else math.inf
+        a1 = self.alpha * q / (1.0 - q)
+        if end_step <= step or not 0 < a0 < a1:
+            return self
+        decay = math.log(a1 / a0) / (end_step - step)
+        return SigmoidPhase(self.alpha, decay, step - math.log(a0) / decay, self.floor)
 
     @classmethod
     def reference(cls, decay: float) -> SigmoidPhase:
@@ -176,3 +198,20 @@ class SigmoidPhase:
         ax.set_xlabel("optimizer step t")
         ax.set_ylabel("phi(t)")
         return ax
+
+
+@dataclass(frozen=True)
+class ConstantPhase:
+    """phi(t) = ``value`` for every step (used to hold the phase, e.g. during an LR sweep)."""
+
+    value: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "value", check_non_negative("value", self.value))
+
+    def __call__(self, step: float) -> float:
+        return self.value
+
+    def tensor(self, step: Tensor) -> Tensor:
+        """The same value as a tensor op, for traced code."""
+        return torch.full_like(step, self.value, dtype=torch.float32)

@@ -69,6 +69,13 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randn(GLOBAL_BATCH, 1, generator=gen, dtype=torch.float64)
 
 
+def finish() -> None:
+    """Leave the process group together: a barrier first avoids gloo's occasional abort at
+    teardown ("terminate called without an active exception") after FSDP1."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 class CollectiveCounter:
     """Counts ``dist.all_reduce`` calls while active."""
 
@@ -176,7 +183,7 @@ def fsdp2_worker(rank: int, world: int, port: int, mesh_shape: tuple[int, ...], 
         )
     if rank == world - 1:
         Path(out + f".sizes{rank}").write_text(json.dumps(local_sizes))
-    dist.destroy_process_group()
+    finish()
 
 
 def fsdp1_worker(rank: int, world: int, port: int, use_orig_params: bool, out: str) -> None:
@@ -197,7 +204,7 @@ def fsdp1_worker(rank: int, world: int, port: int, use_orig_params: bool, out: s
         except ValueError as err:
             assert "FlatParameters are not supported" in str(err)
             Path(out).write_text(json.dumps({"refused": True}))
-        dist.destroy_process_group()
+        finish()
         return
     try:
         TVLARS(wrapped.parameters(), lr=1.0).step()  # grads None: nothing to do, no error
@@ -221,7 +228,7 @@ def fsdp1_worker(rank: int, world: int, port: int, use_orig_params: bool, out: s
     assert_close(full, reference)
     if rank == 0:
         Path(out).write_text(json.dumps({"collectives": counts, "names": names}))
-    dist.destroy_process_group()
+    finish()
 
 
 def ddp_count_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -233,4 +240,4 @@ def ddp_count_worker(rank: int, world: int, port: int, out: str) -> None:
     assert_close(dict(model.named_parameters()), reference)
     if rank == 0:
         Path(out).write_text(json.dumps({"collectives": counts}))
-    dist.destroy_process_group()
+    finish()

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from lightning_tvlars import TVLARSConfig, TVLARSMixin, TVLARSMonitor
+from lightning_tvlars import PhaseConfig, TVLARSConfig, TVLARSMixin, TVLARSMonitor
 
 #: rtol / atol of the float64 equivalence checks: a reduction-order difference of ~1e-16 per
 #: operation, amplified by 6 steps of the chain rule and the trust ratio, stays below 1e-12;
@@ -17,7 +17,12 @@ from lightning_tvlars import TVLARSConfig, TVLARSMixin, TVLARSMonitor
 EQUIVALENCE_TOLERANCE = {"rtol": 1e-9, "atol": 1e-12}
 
 #: The run that distributed strategies must reproduce exactly (6 steps of 16 samples).
-EQUIVALENCE_CONFIG = TVLARSConfig(lr=2.0, base_batch_size=16, decay=0.2, delay=3, weight_decay=1e-3)
+EQUIVALENCE_CONFIG = TVLARSConfig(
+    lr=2.0,
+    base_batch_size=16,
+    weight_decay=1e-3,
+    phase=PhaseConfig(mode="explicit", decay=0.2, delay=3),
+)
 
 
 def regression_data(
@@ -37,12 +42,13 @@ class TinyRegressor(TVLARSMixin, pl.LightningModule):
         tvlars: TVLARSConfig | None = None,
         batch_size: int = 16,
         deterministic_sampler: bool = False,
-        dtype: torch.dtype = torch.float32,
+        double: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 2))
-        self.net.to(dtype)
+        if double:
+            self.net.double()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
@@ -51,7 +57,7 @@ class TinyRegressor(TVLARSMixin, pl.LightningModule):
         return loss
 
     def train_dataloader(self) -> DataLoader:
-        data = regression_data(dtype=self.hparams.dtype)
+        data = regression_data(dtype=torch.float64 if self.hparams.double else torch.float32)
         if not self.hparams.deterministic_sampler:
             return DataLoader(data, batch_size=self.hparams.batch_size, shuffle=True)
         kwargs: dict[str, Any] = getattr(self.trainer.strategy, "distributed_sampler_kwargs", {})
@@ -62,7 +68,7 @@ class TinyRegressor(TVLARSMixin, pl.LightningModule):
 def equivalence_trainer(devices: int, strategy: Any, **kwargs: Any) -> pl.Trainer:
     """6 steps on CPU with a deterministic sampler (``use_distributed_sampler=False``).
 
-    The modules and data are float64 (``TinyRegressor(dtype=torch.float64)``; Lightning's
+    The modules and data are float64 (``TinyRegressor(double=True)``; Lightning's
     ``ModelParallelStrategy`` refuses ``precision="64-true"``): the distributed runs sum
     gradients and squared norms in another order than one process does, and in float32 that
     reordering alone moves weights by ~1e-5 relative after a few steps at a large learning

@@ -28,7 +28,7 @@ def _fit(devices: int, per_device_batch: int, tmp_path: Path) -> TinyRegressor:
         tvlars=EQUIVALENCE_CONFIG,
         batch_size=per_device_batch,
         deterministic_sampler=True,
-        dtype=torch.float64,
+        double=True,
     )
     strategy = (
         DDPStrategy(
@@ -48,7 +48,7 @@ def test_ddp_spawn_matches_a_single_process_on_the_same_global_batch(tmp_path: P
     for (name, a), b in zip(single.named_parameters(), ddp.parameters(), strict=True):
         assert a.dtype == b.dtype == torch.float64  # see equivalence_trainer
         torch.testing.assert_close(a, b, **EQUIVALENCE_TOLERANCE, msg=name)
-    untrained = TinyRegressor(dtype=torch.float64)
+    untrained = TinyRegressor(double=True)
     moved = sum(
         (a - b).abs().sum()
         for a, b in zip(single.parameters(), untrained.parameters(), strict=True)

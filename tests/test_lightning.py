@@ -12,10 +12,16 @@ import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning_helpers import TinyRegressor
-from torch.optim.lr_scheduler import LambdaLR
 
-from lightning_tvlars import TVLARS, TVLARSConfig, TVLARSMonitor, scaled_lr
-from lightning_tvlars.lightning.schedule import LRMultiplier
+from lightning_tvlars import (
+    TVLARS,
+    PhaseConfig,
+    TVLARSConfig,
+    TVLARSMonitor,
+    TVLARSScheduler,
+    scaled_lr,
+)
+from lightning_tvlars.bench.baselines import BaselineConfig, configure_baseline
 from lightning_tvlars.lightning.strategy import check_strategy
 
 
@@ -45,27 +51,36 @@ def test_scaling_rules() -> None:
     assert scaled_lr(0.3, 4096, 256, "linear") == pytest.approx(4.8)
     assert scaled_lr(0.3, 1024, 256, "sqrt") == pytest.approx(0.6)
     assert scaled_lr(0.3, 1024, 256, "none") == 0.3
-    with pytest.raises(ValueError, match="scaling='cubic' is invalid"):
+    with pytest.raises(ValueError, match="lr_scaling='cubic' is invalid"):
         scaled_lr(0.3, 1024, 256, "cubic")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="batch_size=0 is invalid"):
         scaled_lr(0.3, 0, 256, "linear")
 
 
-def test_warmup_cosine_multiplier() -> None:
-    m = LRMultiplier(scale=4.0, warmup_steps=9, total_steps=109, kind="cosine", final_ratio=1e-3)
-    values = [m(s) for s in range(120)]
+def test_warmup_cosine_schedule() -> None:
+    opt = TVLARS([torch.nn.Parameter(torch.ones(2))], lr=1.0)
+    sched = TVLARSScheduler(
+        opt, total_steps=109, batch_scale=4.0, warmup_steps=9, lr_schedule="cosine"
+    )
+    values = [sched.lr_factor(s) for s in range(120)]
     assert values[0] == pytest.approx(0.4) and values[8] == pytest.approx(3.6)
     assert values[9] == pytest.approx(4.0)  # peak right after warm-up
     assert all(a >= b for a, b in itertools.pairwise(values[9:]))
     assert values[109] == pytest.approx(4e-3) and values[119] == pytest.approx(4e-3)
-    assert LRMultiplier(scale=2.0)(1000) == 2.0
+    constant = TVLARSScheduler(opt, total_steps=None, batch_scale=2.0)
+    assert constant.lr_factor(1000) == 2.0
 
 
 # ---------------------------------------------------------------- configure_tvlars / mixin
 
 
 def test_mixin_builds_tvlars_with_groups_scaled_lr_and_step_scheduler(tmp_path: Path) -> None:
-    cfg = TVLARSConfig(lr=0.5, scaling="linear", base_batch_size=16, delay_epochs=2, decay=0.1)
+    cfg = TVLARSConfig(
+        lr=0.5,
+        lr_scaling="linear",
+        base_batch_size=16,
+        phase=PhaseConfig(mode="explicit", decay=0.1, delay=2, delay_unit="epochs"),
+    )
     model = TinyRegressor(tvlars=cfg, batch_size=16)
     trainer = _trainer(tmp_path, accumulate_grad_batches=2, limit_train_batches=10, max_epochs=3)
     trainer.fit(model)
@@ -76,13 +91,12 @@ def test_mixin_builds_tvlars_with_groups_scaled_lr_and_step_scheduler(tmp_path: 
         ["net.0.bias", "net.1.weight", "net.1.bias", "net.3.bias"],
     ]
     plan = model.tvlars_plan
-    assert plan.effective_batch_size == 32 and plan.lr == pytest.approx(1.0)  # 0.5 x 32/16
-    assert plan.steps_per_epoch == 5  # 10 batches / 2 accumulated
-    assert plan.total_steps == 15 and opt.step_count == 15
+    assert plan.effective_batch_size == 32 and plan.batch_scale == pytest.approx(2.0)  # 32/16
+    assert plan.total_steps == 15 and opt.step_count == 15  # 3 epochs x 10 batches / 2
     assert plan.phase.delay == 10  # 2 epochs x 5 steps
-    assert all(g["lr"] == pytest.approx(1.0) for g in opt.param_groups)
+    assert all(g["lr"] == pytest.approx(1.0) for g in opt.param_groups)  # 0.5 x 32/16
     (sched,) = trainer.lr_scheduler_configs
-    assert isinstance(sched.scheduler, LambdaLR) and sched.interval == "step"
+    assert isinstance(sched.scheduler, TVLARSScheduler) and sched.interval == "step"
 
 
 def test_phase_fitted_to_the_run_by_default(tmp_path: Path) -> None:
@@ -96,7 +110,8 @@ def test_phase_fitted_to_the_run_by_default(tmp_path: Path) -> None:
 
 
 def test_gradient_accumulation_schedule_rescales_lr(tmp_path: Path) -> None:
-    model = TinyRegressor(tvlars=TVLARSConfig(lr=1.0, base_batch_size=16, decay=0.0), batch_size=16)
+    config = TVLARSConfig(lr=1.0, base_batch_size=16, phase=PhaseConfig(mode="off"))
+    model = TinyRegressor(tvlars=config, batch_size=16)
     lrs: list[tuple[int, float]] = []
 
     class Record(pl.Callback):
@@ -116,10 +131,14 @@ def test_gradient_accumulation_schedule_rescales_lr(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["lars", "lightly-lars", "timm-lamb"])
 def test_baselines_share_groups_and_warmup_cosine(tmp_path: Path, name: str) -> None:
-    cfg = TVLARSConfig(
-        optimizer=name, lr=0.2, base_batch_size=32, warmup_epochs=1, schedule="cosine"
+    config = BaselineConfig(
+        optimizer=name,  # type: ignore[arg-type]
+        lr=0.2,
+        base_batch_size=32,
+        warmup_fraction=1 / 3,
     )
-    model = TinyRegressor(tvlars=cfg, batch_size=32)
+    model = TinyRegressor(batch_size=32)
+    model.configure_optimizers = lambda: configure_baseline(model, config)  # type: ignore[method-assign]
     lrs: list[float] = []
 
     class Record(pl.Callback):
@@ -135,14 +154,14 @@ def test_baselines_share_groups_and_warmup_cosine(tmp_path: Path, name: str) -> 
     assert [g["weight_decay"] for g in opt.param_groups] == [5e-4, 0.0]
     if name == "lars":
         assert opt.phase is None
-    warmup = model.tvlars_plan.steps_per_epoch
+    warmup = 8  # a third of 3 epochs x 8 steps
     assert lrs[0] == pytest.approx(0.2 / (warmup + 1))
     assert max(lrs) == pytest.approx(0.2, rel=1e-6) and lrs.index(max(lrs)) == warmup
     assert lrs[-1] < 0.05
 
 
 def test_resume_restores_step_count_and_phase(tmp_path: Path) -> None:
-    cfg = TVLARSConfig(decay=0.05, delay=10)
+    cfg = TVLARSConfig(phase=PhaseConfig(mode="explicit", decay=0.05, delay=10))
     first = TinyRegressor(tvlars=cfg)
     trainer = _trainer(tmp_path, max_epochs=1, enable_checkpointing=True)
     trainer.fit(first)
@@ -159,7 +178,8 @@ def test_resume_restores_step_count_and_phase(tmp_path: Path) -> None:
 
 def test_monitor_logs_phase_lr_batch_and_per_layer_metrics(tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path)
-    model = TinyRegressor(tvlars=TVLARSConfig(decay=0.1, delay=5), batch_size=32)
+    explicit = PhaseConfig(mode="explicit", decay=0.1, delay=5)
+    model = TinyRegressor(tvlars=TVLARSConfig(phase=explicit), batch_size=32)
     trainer = _trainer(
         tmp_path,
         max_epochs=2,
@@ -264,14 +284,21 @@ def test_monitor_rejects_bad_arguments() -> None:
 
 
 def test_config_validation_names_the_argument() -> None:
-    with pytest.raises(ValueError, match="optimizer='adam' is invalid: expected one of 'tvlars'"):
-        TVLARSConfig(optimizer="adam")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"delay=1.0 and delay_epochs=2.0 are both set"):
-        TVLARSConfig(decay=0.1, delay=1.0, delay_epochs=2.0)
-    with pytest.raises(ValueError, match="decay=None"):
-        TVLARSConfig(delay_epochs=2.0)
+    with pytest.raises(ValueError, match=r"phase.mode='fast' is invalid: expected one of 'fitted'"):
+        TVLARSConfig(phase=PhaseConfig(mode="fast"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"phase.decay=0.1 has no effect with phase.mode='fitted'"):
+        TVLARSConfig(phase=PhaseConfig(decay=0.1))
+    with pytest.raises(
+        ValueError, match=r"phase.mode='explicit' needs phase.decay and phase.delay"
+    ):
+        TVLARSConfig(phase=PhaseConfig(mode="explicit", delay=2.0))
+    with pytest.raises(ValueError, match=r"phase.alpha=2.0 has no effect with phase.mode='off'"):
+        TVLARSConfig(phase=PhaseConfig(mode="off", alpha=2.0))
+    with pytest.raises(ValueError, match=r"final_lr_ratio=0.1 has no effect with lr_schedule='co"):
+        TVLARSConfig(final_lr_ratio=0.1)
     with pytest.raises(ValueError, match="lr=0 is invalid"):
         TVLARSConfig(lr=0)
+    assert TVLARSConfig(phase={"mode": "off"}).phase == PhaseConfig(mode="off")  # YAML dicts
 
 
 def test_deepspeed_zero_is_refused() -> None:
@@ -301,8 +328,8 @@ def test_module_without_parameters_gets_a_clear_error(tmp_path: Path) -> None:
         _trainer(tmp_path, max_steps=1).fit(Empty())
 
 
-def test_unknown_run_length_needs_explicit_decay(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="run length is unknown"):
+def test_unknown_run_length_needs_an_explicit_phase(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"run length, which is unknown.*max_steps"):
         _trainer(tmp_path, max_epochs=-1, max_steps=-1).fit(TinyRegressor())
 
 

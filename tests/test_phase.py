@@ -60,7 +60,7 @@ def test_from_milestones_hits_both_milestones(
     half: int, width: int, q: float, alpha: float, floor: float
 ) -> None:
     phase = SigmoidPhase.from_milestones(
-        half, half + width, decayed_fraction=q, alpha=alpha, floor=floor
+        half, half + width, decayed_by_end=q, alpha=alpha, floor=floor
     )
     span = 1 / alpha  # ceiling - floor
     assert phase(half) == pytest.approx(floor + span / 2, rel=1e-9)
@@ -69,7 +69,7 @@ def test_from_milestones_hits_both_milestones(
 
 
 def test_from_training_length_and_reference() -> None:
-    phase = SigmoidPhase.from_training_length(1000, half_fraction=0.3)
+    phase = SigmoidPhase.from_training_length(1000, half_at=0.3)
     assert phase(300) == pytest.approx(0.5)
     assert phase(1000) == pytest.approx(0.01)
     ref = SigmoidPhase.reference(1e-3)
@@ -108,8 +108,8 @@ def test_bad_milestones_and_types() -> None:
         ValueError, match="end_step=5 is invalid: expected a step after half_step=10"
     ):
         SigmoidPhase.from_milestones(10, 5)
-    with pytest.raises(ValueError, match=r"decayed_fraction=0.4 is invalid"):
-        SigmoidPhase.from_milestones(0, 10, decayed_fraction=0.4)
+    with pytest.raises(ValueError, match=r"decayed_by_end=0.4 is invalid"):
+        SigmoidPhase.from_milestones(0, 10, decayed_by_end=0.4)
     with pytest.raises(TypeError, match="alpha='1' is invalid: expected a real number"):
         SigmoidPhase(alpha="1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="total_steps=0 is invalid"):

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning_helpers import TinyRegressor
 
-from lightning_tvlars import TVLARSConfig, TVLARSMonitor
+from lightning_tvlars import PhaseConfig, TVLARSConfig, TVLARSMonitor
 from lightning_tvlars.cli import plot
 from lightning_tvlars.cli.plot import find_logs, load_metrics, plot_metrics, plot_run
 from lightning_tvlars.lightning import cli
@@ -24,7 +24,8 @@ LAYERS = ["net.0.weight", "net.3.weight"]  # the adapted tensors of TinyRegresso
 
 def _fit(loggers: list[pl.loggers.Logger], lr: float) -> TinyRegressor:
     torch.manual_seed(0)
-    model = TinyRegressor(tvlars=TVLARSConfig(lr=lr, decay=0.5, delay=2))
+    phase = PhaseConfig(mode="explicit", decay=0.5, delay=2)
+    model = TinyRegressor(tvlars=TVLARSConfig(lr=lr, phase=phase))
     pl.Trainer(
         accelerator="cpu",
         max_steps=STEPS,

@@ -31,6 +31,7 @@ import torch
 import torchmetrics
 from torch.utils.data import DataLoader
 
+from lightning_tvlars.bench.baselines import BaselineConfig, configure_baseline
 from lightning_tvlars.examples.barlow_twins import BarlowTwins1D
 from lightning_tvlars.examples.classifier import MNIST1DClassifier
 from lightning_tvlars.examples.mnist1d import NUM_CLASSES, MNIST1DDataModule
@@ -50,11 +51,11 @@ FIELDS = (
     "wall_seconds",
 )
 
-#: TVLARSConfig options of each benchmarked optimizer, apart from lr and warm-up length.
-OPTIMIZERS: dict[str, dict[str, Any]] = {
-    "tvlars": {"optimizer": "tvlars", "scaling": "linear"},
-    "lars+warmup": {"optimizer": "lightly-lars", "scaling": "linear", "schedule": "cosine"},
-    "lamb+warmup": {"optimizer": "timm-lamb", "scaling": "sqrt", "schedule": "cosine"},
+#: Options of each benchmarked optimizer, apart from lr (``None``: TVLARS with defaults).
+OPTIMIZERS: dict[str, dict[str, Any] | None] = {
+    "tvlars": None,
+    "lars+warmup": {"optimizer": "lightly-lars", "lr_scaling": "linear"},
+    "lamb+warmup": {"optimizer": "timm-lamb", "lr_scaling": "sqrt"},
 }
 
 
@@ -100,17 +101,22 @@ PRESETS = {
 }
 
 
-def _config(preset: Preset, optimizer: str, lr: float, task: str) -> TVLARSConfig:
-    options = dict(OPTIMIZERS[optimizer])
-    if optimizer != "tvlars":
-        options["warmup_epochs"] = preset.warmup_fraction * preset.epochs[task]
-    return TVLARSConfig(lr=lr, weight_decay=5e-4, **options)
+def _config(preset: Preset, optimizer: str, lr: float) -> TVLARSConfig | BaselineConfig:
+    options = OPTIMIZERS[optimizer]
+    if options is None:
+        return TVLARSConfig(lr=lr, weight_decay=5e-4)
+    return BaselineConfig(
+        lr=lr, weight_decay=5e-4, warmup_fraction=preset.warmup_fraction, **options
+    )
 
 
-def _module(preset: Preset, task: str, config: TVLARSConfig) -> pl.LightningModule:
-    if task == "classification":
-        return MNIST1DClassifier(width=preset.width, blocks=preset.blocks, tvlars=config)
-    return BarlowTwins1D(width=preset.width, blocks=preset.blocks, tvlars=config)
+def _module(preset: Preset, task: str, config: TVLARSConfig | BaselineConfig) -> pl.LightningModule:
+    cls = MNIST1DClassifier if task == "classification" else BarlowTwins1D
+    if isinstance(config, TVLARSConfig):
+        return cls(width=preset.width, blocks=preset.blocks, tvlars=config)
+    module = cls(width=preset.width, blocks=preset.blocks)
+    module.configure_optimizers = lambda: configure_baseline(module, config)  # type: ignore[method-assign]
+    return module
 
 
 def _data(preset: Preset, batch_size: int) -> MNIST1DDataModule:
@@ -152,7 +158,7 @@ def run_one(
     """Train one setting and return its CSV row."""
     pl.seed_everything(seed, verbose=False)
     data = _data(preset, batch_size)
-    module = _module(preset, task, _config(preset, optimizer, lr, task))
+    module = _module(preset, task, _config(preset, optimizer, lr))
     trainer = _trainer(preset.epochs[task])
     start = time.perf_counter()
     trainer.fit(module, data)

@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from lightning_tvlars.bench.accuracy import Preset, _config, _data, _module, _trainer, best_lr
-from lightning_tvlars.lightning import TVLARSConfig
+from lightning_tvlars.bench.baselines import BaselineConfig
 from lightning_tvlars.optim import TVLARS
 
 TASK_TITLES = {
@@ -166,16 +166,8 @@ def plot_curves(preset: Preset, out: Path, lr: float = 1.0) -> None:
 
     runs = {}
     for name, config in (
-        ("TVLARS, no warm-up", _config(preset, "tvlars", lr, "classification")),
-        (
-            "LARS + warm-up",
-            TVLARSConfig(
-                lr=lr,
-                optimizer="lars",
-                schedule="cosine",
-                warmup_epochs=preset.warmup_fraction * preset.epochs["classification"],
-            ),
-        ),
+        ("TVLARS, no warm-up", _config(preset, "tvlars", lr)),
+        ("LARS + warm-up", BaselineConfig(lr=lr, warmup_fraction=preset.warmup_fraction)),
     ):
         pl.seed_everything(0, verbose=False)
         recorder = _Recorder()

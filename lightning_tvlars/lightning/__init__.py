@@ -1,21 +1,20 @@
-"""Lightning integration: config, helper, mixin, scaling, monitor and strategy checks."""
+"""Lightning integration: config, helper, mixin, schedule sync, monitor and strategy checks."""
 
-from lightning_tvlars.lightning.config import TVLARSConfig
-from lightning_tvlars.lightning.mixin import (
-    EffectiveBatchScaling,
-    TVLARSMixin,
-    TVLARSPlan,
-    configure_tvlars,
-)
+from lightning_tvlars.lightning.config import PhaseConfig, TVLARSConfig
+from lightning_tvlars.lightning.configure import configure_tvlars
+from lightning_tvlars.lightning.mixin import TVLARSMixin
 from lightning_tvlars.lightning.monitor import TVLARSMonitor
+from lightning_tvlars.lightning.run import RunFacts
 from lightning_tvlars.lightning.scaling import effective_batch_size, scaled_lr
+from lightning_tvlars.lightning.sync import ScheduleSync
 
 __all__ = [
-    "EffectiveBatchScaling",
+    "PhaseConfig",
+    "RunFacts",
+    "ScheduleSync",
     "TVLARSConfig",
     "TVLARSMixin",
     "TVLARSMonitor",
-    "TVLARSPlan",
     "configure_tvlars",
     "effective_batch_size",
     "scaled_lr",

@@ -1,111 +1,170 @@
-"""``TVLARSConfig``: every optimizer, phase, scaling and schedule option in one dataclass.
+"""``TVLARSConfig``: the options of TVLARS in a Lightning run, one name per option.
 
 A LightningModule that takes ``tvlars: TVLARSConfig`` in ``__init__`` gets all of these as
-LightningCLI flags (``--model.tvlars.lr 2.0``) and YAML keys, and saves them with its
-hyper-parameters.
+LightningCLI flags (``--model.tvlars.lr 2.0``, ``--model.tvlars.phase.mode explicit``) and YAML
+keys, and saves them with its hyper-parameters. The names are the optimizer's: ``decay`` and
+``delay`` of the phase are :class:`~lightning_tvlars.SigmoidPhase`'s, ``weight_decay``,
+``momentum``, ``trust_coefficient``, ``norm_clip`` are :class:`~lightning_tvlars.TVLARS`'s.
+An option that has no effect with the other choices made is refused, not ignored.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal
 
 import torch
 
 from lightning_tvlars._validation import (
     check_choice,
     check_non_negative,
-    check_open_interval,
     check_positive,
     check_positive_int,
     check_real,
     check_unit_interval,
 )
 from lightning_tvlars.lightning.scaling import SCALING_RULES, ScalingRule
-from lightning_tvlars.lightning.schedule import ScheduleKind
+from lightning_tvlars.optim.groups import GroupOverride
+from lightning_tvlars.schedule import LR_SCHEDULES, FittedPhase, LRSchedule
 
-OptimizerName = Literal["tvlars", "lars", "lightly-lars", "timm-lamb"]
-OPTIMIZERS: tuple[str, ...] = ("tvlars", "lars", "lightly-lars", "timm-lamb")
+PhaseMode = Literal["fitted", "explicit", "off"]
+PHASE_MODES: tuple[str, ...] = ("fitted", "explicit", "off")
+DelayUnit = Literal["steps", "epochs"]
+
+
+@dataclass
+class PhaseConfig:
+    """The phase ``phi(t) = 1 / (alpha + exp(decay * (t - delay))) + floor``.
+
+    Attributes:
+        mode: ``fitted`` (default): fitted to the run, halfway between ceiling and floor at
+            ``half_at`` of the optimizer steps and ``decayed_by_end`` of the way down at the
+            end (needs a known run length). ``explicit``: ``decay`` per optimizer step and
+            ``delay`` in ``delay_unit`` (any run length, ``max_epochs=-1`` included).
+            ``off``: phi == 1, i.e. LARS.
+        half_at: fitted: the fraction of the run at which phi is halfway, in [0, 1).
+        decayed_by_end: fitted: the fraction of the way from ceiling to floor covered at the
+            end of the run, in (0.5, 1).
+        decay: explicit: the steepness ``lambda`` per optimizer step, >= 0.
+        delay: explicit: the centre of the decay ``d``.
+        delay_unit: explicit: ``steps`` or ``epochs`` (converted with the real number of
+            optimizer steps per epoch, accumulation schedules included).
+        alpha: > 0; the ceiling is ``1 / alpha + floor``.
+        floor: >= 0, the value phi decays to.
+    """
+
+    mode: PhaseMode = "fitted"
+    half_at: float = 0.5
+    decayed_by_end: float = 0.99
+    decay: float | None = None
+    delay: float | None = None
+    delay_unit: DelayUnit = "steps"
+    alpha: float = 1.0
+    floor: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_choice("phase.mode", self.mode, PHASE_MODES)
+        check_choice("phase.delay_unit", self.delay_unit, ("steps", "epochs"))
+        FittedPhase(self.half_at, self.decayed_by_end, self.alpha, self.floor)  # validates
+        if self.decay is not None:
+            check_non_negative("phase.decay", self.decay)
+        if self.delay is not None:
+            check_real("phase.delay", self.delay)
+        unused = {
+            "fitted": {"decay", "delay", "delay_unit"},
+            "explicit": {"half_at", "decayed_by_end"},
+            "off": {"half_at", "decayed_by_end", "decay", "delay", "delay_unit", "alpha", "floor"},
+        }[self.mode]
+        _refuse_unused(self, unused, f"phase.mode={self.mode!r}", "phase.")
+        if self.mode == "explicit" and (self.decay is None or self.delay is None):
+            raise ValueError(
+                f"phase.mode='explicit' needs phase.decay and phase.delay, got "
+                f"decay={self.decay!r}, delay={self.delay!r}"
+            )
 
 
 @dataclass
 class TVLARSConfig:
-    """Options of :func:`~lightning_tvlars.configure_tvlars`.
+    """Options of :func:`~lightning_tvlars.configure_tvlars` and the mixin.
 
-    Optimizer:
-        optimizer: ``tvlars`` (default); ``lars`` is TVLARS without phase (phi == 1);
-            ``lightly-lars`` and ``timm-lamb`` are the baselines of the benchmark (lightly's
-            ``LARS`` and timm's ``Lamb``), built on the same parameter groups.
-        lr: base learning rate at ``base_batch_size``; scaled with the effective batch.
-        scaling: ``linear``, ``sqrt`` or ``none``; ``base_batch_size``: the reference batch.
+    Attributes:
+        lr: base learning rate at ``base_batch_size``; the applied rate is scaled with the
+            effective batch (per device x data-parallel replicas x accumulation).
+        lr_scaling: ``linear``, ``sqrt`` or ``none``.
+        base_batch_size: the batch ``lr`` is given for.
         momentum, weight_decay, trust_coefficient, norm_clip: as in
             :class:`~lightning_tvlars.TVLARS`.
-
-    Phase (``tvlars`` only), ``phi(t) = 1 / (alpha + exp(decay (t - delay))) + floor``:
-        decay: per optimizer step. ``None`` (default) fits the phase to the run: halfway at
-            ``half_fraction`` of the training steps, ``decayed_fraction`` decayed at the end.
-        delay / delay_epochs: the centre of the decay in steps, or in epochs (converted with
-            the real number of optimizer steps per epoch). At most one of them.
-        alpha, floor: the ceiling ``1/alpha + floor`` and the floor.
-
-    Schedule (mostly for the baselines):
-        warmup_epochs: linear warm-up length; 0 for TVLARS, 20 in the paper's baselines.
-        schedule: ``constant`` or ``cosine`` (to ``final_lr_ratio`` x peak) after warm-up.
+        phase: the phase (:class:`PhaseConfig`).
+        lr_schedule: ``constant`` (TVLARS as in the paper) or ``cosine`` annealing to
+            ``final_lr_ratio`` x the initial rate at the end of the run.
+        final_lr_ratio: only with ``lr_schedule='cosine'``.
+        select: ``fnmatch`` patterns of the parameters to optimize (default: every trainable
+            parameter of the module given to ``configure_tvlars``).
+        exclude, include: patterns forced out of / into adaptation (biases and normalization
+            parameters are out by default).
+        overrides: per-pattern ``lr_scale``, ``weight_decay`` and ``adapt``
+            (:class:`~lightning_tvlars.GroupOverride`), in order.
     """
 
-    optimizer: OptimizerName = "tvlars"
     lr: float = 1.0
-    scaling: ScalingRule = "linear"
+    lr_scaling: ScalingRule = "linear"
     base_batch_size: int = 256
     momentum: float = 0.9
     weight_decay: float = 5e-4
     trust_coefficient: float = 1e-3
     norm_clip: float | None = None
-    alpha: float = 1.0
-    decay: float | None = None
-    delay: float | None = None
-    delay_epochs: float | None = None
-    floor: float = 0.0
-    half_fraction: float = 0.5
-    decayed_fraction: float = 0.99
-    warmup_epochs: float = 0.0
-    schedule: ScheduleKind = "constant"
+    phase: PhaseConfig = field(default_factory=PhaseConfig)
+    lr_schedule: LRSchedule = "constant"
     final_lr_ratio: float = 1e-3
+    select: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
+    include: list[str] = field(default_factory=list)
+    overrides: list[GroupOverride] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if isinstance(self.phase, dict):
+            self.phase = PhaseConfig(**self.phase)
+        if not isinstance(self.phase, PhaseConfig):
+            raise TypeError(f"phase={self.phase!r} is invalid: expected a PhaseConfig or a dict")
+        self.overrides = [GroupOverride(**o) if isinstance(o, dict) else o for o in self.overrides]
         check_positive("lr", self.lr)
-        check_choice("scaling", self.scaling, SCALING_RULES)
+        check_choice("lr_scaling", self.lr_scaling, SCALING_RULES)
         check_positive_int("base_batch_size", self.base_batch_size)
         check_unit_interval("momentum", self.momentum)
         check_non_negative("weight_decay", self.weight_decay)
         check_positive("trust_coefficient", self.trust_coefficient)
         if self.norm_clip is not None:
             check_positive("norm_clip", self.norm_clip)
-        check_positive("alpha", self.alpha)
-        if self.decay is not None:
-            check_non_negative("decay", self.decay)
-        if self.delay is not None:
-            check_real("delay", self.delay)
-        if self.delay_epochs is not None:
-            check_real("delay_epochs", self.delay_epochs)
-            if self.delay is not None:
-                raise ValueError(
-                    f"delay={self.delay!r} and delay_epochs={self.delay_epochs!r} are both set: "
-                    "expected at most one of them"
-                )
-        if (self.delay is not None or self.delay_epochs is not None) and self.decay is None:
-            raise ValueError(
-                "delay/delay_epochs is set but decay=None: expected a decay with an explicit delay "
-                "(decay=None fits both to the run)"
-            )
-        check_non_negative("floor", self.floor)
-        check_unit_interval("half_fraction", self.half_fraction)
-        check_open_interval("decayed_fraction", self.decayed_fraction, 0.5, 1.0)
-        check_non_negative("warmup_epochs", self.warmup_epochs)
-        check_choice("schedule", self.schedule, ("constant", "cosine"))
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_non_negative("final_lr_ratio", self.final_lr_ratio)
+        if self.lr_schedule == "constant":
+            _refuse_unused(self, {"final_lr_ratio"}, "lr_schedule='constant'", "")
+
+    @classmethod
+    def from_any(cls, value: object) -> TVLARSConfig:
+        """A config from a ``TVLARSConfig``, a mapping (hyper-parameters, YAML) or ``None``."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return cls(**value)
+        raise TypeError(f"tvlars={value!r} is invalid: expected a TVLARSConfig, a dict or None")
+
+
+def _refuse_unused(config: Any, unused: set[str], because: str, prefix: str) -> None:
+    """Raise for any option in ``unused`` that is set away from its default."""
+    for f in fields(config):
+        if f.name not in unused:
+            continue
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        value = getattr(config, f.name)
+        if value != default:
+            raise ValueError(
+                f"{prefix}{f.name}={value!r} has no effect with {because}: remove it or change "
+                "that choice"
+            )
 
 
 # Lightning resumes with torch.load(weights_only=True) by default: allow the config in hparams.
-torch.serialization.add_safe_globals([TVLARSConfig])
+torch.serialization.add_safe_globals([TVLARSConfig, PhaseConfig, GroupOverride])

@@ -36,7 +36,7 @@ def scaled_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: Scali
     ratio = check_positive_int("batch_size", batch_size) / check_positive_int(
         "base_batch_size", base_batch_size
     )
-    rule = check_choice("scaling", rule, SCALING_RULES)  # type: ignore[assignment]
+    rule = check_choice("lr_scaling", rule, SCALING_RULES)  # type: ignore[assignment]
     return base_lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
 
 
@@ -80,26 +80,3 @@ def effective_batch_size(trainer: pl.Trainer, batch_size: int | None = None) -> 
     if total <= 0:
         raise ValueError(f"effective batch size {total} is invalid: expected a positive size")
     return total
-
-
-def describe(
-    per_device: int,
-    replicas: int,
-    accumulation: int,
-    base_lr: float,
-    lr: float,
-    base_batch_size: int,
-    rule: str,
-) -> str:
-    """One plain sentence about how the batch size and learning rate were resolved."""
-    batch = per_device * replicas * accumulation
-    how = {
-        "linear": f"x {batch}/{base_batch_size}",
-        "sqrt": f"x sqrt({batch}/{base_batch_size})",
-        "none": "(no scaling)",
-    }[rule]
-    return (
-        f"TVLARS: effective batch size {batch} = {per_device} per device x {replicas} "
-        f"data-parallel replica(s) x {accumulation} accumulated batch(es); learning rate "
-        f"{lr:.6g} = {base_lr:.6g} {how} ({rule} scaling)."
-    )

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 
+from lightning_tvlars.lightning._compat import lightning_classes
+
 
 def deepspeed_zero_stage(strategy: object) -> int | None:
     """The ZeRO stage of a DeepSpeed strategy, ``None`` for any other strategy."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
-    if not isinstance(strategy, DeepSpeedStrategy):
+    if not isinstance(strategy, lightning_classes("strategies.DeepSpeedStrategy")):
         return None
     config = getattr(strategy, "config", None) or {}
     return int(config.get("zero_optimization", {}).get("stage", 0))

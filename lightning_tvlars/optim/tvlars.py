@@ -436,7 +436,7 @@ class TVLARS(Optimizer):
         """phi(t): a host float in eager mode; a tensor op while ``torch.compile`` traces."""
         if self.phase is None:
             return 1.0
-        if torch.compiler.is_compiling() and isinstance(self.phase, SigmoidPhase):
+        if torch.compiler.is_compiling() and hasattr(self.phase, "tensor"):
             return self.phase.tensor(torch.scalar_tensor(t, device=device))
         return float(self.phase(t))
 

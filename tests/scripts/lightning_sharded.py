@@ -9,6 +9,7 @@ Run as a script because Lightning's FSDP/ModelParallel launchers re-execute the 
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -99,7 +100,7 @@ def main(kind: str, out: str) -> None:
         tvlars=EQUIVALENCE_CONFIG,
         batch_size=per_device,
         deterministic_sampler=True,
-        dtype=torch.float64,
+        double=True,
     )
     trainer = equivalence_trainer(devices, strategy)
     trainer.fit(model)
@@ -125,3 +126,12 @@ def main(kind: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    # gloo's threads sometimes abort at interpreter teardown after FSDP1 ("terminate called
+    # without an active exception"): once every rank is done, leave without the teardown.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
