@@ -14,13 +14,17 @@ All squared norms are packed into one float vector and reduced with one ``all_re
 distinct process group (one in total for FSDP2 and for FSDP1 ``FULL_SHARD``, none for DDP).
 Norms accumulate in float32 (float64 for float64 tensors). No collective depends on a
 rank-local condition: the parameter lists are identical on all ranks.
+
+Gradients whose DTensor placements differ from their parameter's (``Partial(sum)`` gradients of
+``Replicate()`` parameters under ``SequenceParallel``) are brought to the parameter's placements
+by :func:`local_gradients`, with one ``all_reduce`` per process group for all of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -39,6 +43,136 @@ def is_dtensor(x: object) -> bool:
 def local_tensor(x: Tensor) -> Tensor:
     """The part of ``x`` stored on this rank (``x`` itself unless it is a DTensor)."""
     return x.to_local() if is_dtensor(x) else x  # type: ignore[attr-defined]
+
+
+def local_gradients(params: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
+    """The local tensor of each gradient, laid out exactly like ``local_tensor(param)``.
+
+    Plain tensors pass through untouched. A DTensor gradient with its parameter's placements
+    gives its local tensor. One whose placements differ is redistributed to the parameter's:
+    ``Partial`` sums and averages (the gradients of ``Replicate()`` parameters under
+    ``SequenceParallel``) are copied into one flat buffer per set of mesh-dimension process
+    groups and dtype and summed with one ``all_reduce`` per group; whatever then still differs
+    (``Replicate`` to ``Shard``: a local slice), and rare cases (``Shard`` gradients of
+    ``Replicate`` parameters, other reduce ops), go through ``DTensor.redistribute``. The
+    gradients themselves are not modified.
+
+    Which collectives run depends only on the placements, so every rank must pass the same
+    parameter list (the optimizer does).
+    """
+    if len(params) != len(grads):
+        raise ValueError(
+            f"params and grads must have the same length, got {len(params)} and {len(grads)}"
+        )
+    out = list(grads)
+    if DTensor is None:  # pragma: no cover
+        return out
+    packs: dict[tuple[object, ...], _Pack] = {}
+    fallback: list[int] = []
+    for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        if not isinstance(g, DTensor):
+            continue
+        if not isinstance(p, DTensor):
+            raise TypeError(
+                f"gradient {i} is a DTensor but its parameter is a {type(p).__name__}: "
+                "expected a DTensor parameter (or plain tensors for both)"
+            )
+        mesh = p.device_mesh
+        if g.placements == p.placements and (g.device_mesh is mesh or g.device_mesh == mesh):
+            out[i] = g.to_local()
+            continue
+        if g.device_mesh != mesh:
+            raise ValueError(
+                f"gradient {i} lives on {g.device_mesh}, its parameter on {mesh}: "
+                "expected the same device mesh"
+            )
+        if not _add_to_pack(packs, i, p, g):
+            fallback.append(i)
+    for pack in packs.values():
+        flat = torch.cat([t.reshape(-1) for t in pack.tensors])
+        for group in pack.groups:
+            dist.all_reduce(flat, group=group)
+        for entry, piece in zip(pack.entries, flat.split(pack.numels), strict=True):
+            out[entry.index] = _finish(entry, piece.view(entry.shape), params[entry.index])
+    for i in fallback:
+        p, g = params[i], grads[i]
+        out[i] = g.redistribute(p.device_mesh, p.placements).to_local()  # type: ignore[attr-defined]
+    return out
+
+
+@dataclass
+class _PackEntry:
+    """One gradient in a :class:`_Pack`: where it goes and what is left to do after the sum."""
+
+    index: int
+    shape: torch.Size
+    divisor: int  # product of the mesh sizes of the Partial("avg") dimensions
+    intermediate: tuple[Any, ...]  # the gradient's placements with Partial made Replicate
+    global_shape: torch.Size
+    global_stride: tuple[int, ...]
+
+
+@dataclass
+class _Pack:
+    """Local gradients summed together over the same process groups (one buffer)."""
+
+    groups: tuple[dist.ProcessGroup, ...]
+    tensors: list[Tensor] = field(default_factory=list)
+    numels: list[int] = field(default_factory=list)
+    entries: list[_PackEntry] = field(default_factory=list)
+
+
+def _add_to_pack(packs: dict[tuple[object, ...], _Pack], i: int, p: Tensor, g: Tensor) -> bool:
+    """Queue the ``Partial`` sums of gradient ``g``; False if DTensor must redistribute it."""
+    mesh = g.device_mesh  # type: ignore[attr-defined]
+    dims: list[int] = []
+    divisor = 1
+    intermediate = list(g.placements)  # type: ignore[attr-defined]
+    for d, (gp, pp) in enumerate(zip(g.placements, p.placements, strict=True)):  # type: ignore[attr-defined]
+        if not isinstance(gp, Partial) or isinstance(pp, Partial):
+            continue
+        if type(gp) is not Partial or gp.reduce_op not in ("sum", "avg"):
+            return False
+        dims.append(d)
+        intermediate[d] = Replicate()
+        if gp.reduce_op == "avg":
+            divisor *= mesh.size(d)
+    if not dims:
+        return False
+    local = g.to_local()  # type: ignore[attr-defined]
+    groups = tuple(mesh.get_group(d) for d in dims)
+    key = (tuple(id(group) for group in groups), local.dtype, local.device)
+    pack = packs.setdefault(key, _Pack(groups))
+    pack.tensors.append(local)
+    pack.numels.append(local.numel())
+    pack.entries.append(
+        _PackEntry(i, local.shape, divisor, tuple(intermediate), g.shape, tuple(g.stride()))
+    )
+    return True
+
+
+def _finish(entry: _PackEntry, summed: Tensor, p: Tensor) -> Tensor:
+    """The summed local gradient brought the rest of the way to ``p``'s placements."""
+    if entry.divisor != 1:
+        summed = summed.div_(entry.divisor)
+    if entry.intermediate != tuple(p.placements):  # type: ignore[attr-defined]
+        mesh = p.device_mesh  # type: ignore[attr-defined]
+        summed = DTensor.from_local(
+            summed,
+            mesh,
+            entry.intermediate,
+            run_check=False,
+            shape=entry.global_shape,
+            stride=entry.global_stride,
+        )
+        summed = summed.redistribute(mesh, p.placements).to_local()  # type: ignore[attr-defined]
+    expected = local_tensor(p).shape
+    if summed.shape != expected:  # pragma: no cover - DTensor guarantees it
+        raise ValueError(
+            f"gradient {entry.index} has local shape {tuple(summed.shape)} after redistribution, "
+            f"its parameter {tuple(expected)}"
+        )
+    return summed
 
 
 def accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:

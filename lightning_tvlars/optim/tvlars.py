@@ -49,6 +49,7 @@ from lightning_tvlars.optim.norms import (
     accumulation_dtype,
     fsdp1_shard_groups,
     is_flat_parameter,
+    local_gradients,
     local_norms,
     local_tensor,
 )
@@ -412,10 +413,12 @@ class TVLARS(Optimizer):
     def _view(self, group: dict[str, Any]) -> _GroupView:
         names = group.get("param_names")
         view = _GroupView(group, [], [], [], [], [])
+        present = [p for p in group["params"] if p.grad is not None]
+        local_grads = iter(local_gradients(present, [p.grad for p in present]))
         for i, p in enumerate(group["params"]):
             weight = local_tensor(p)
             if p.grad is not None:
-                grad = local_tensor(p.grad)
+                grad = next(local_grads)
             elif id(p) in self._fsdp1_groups:
                 # FSDP1 leaves grad None where this rank's shard of p is empty: keep the list
                 # identical on all ranks so that the norm reduction matches everywhere.
