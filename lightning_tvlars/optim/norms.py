@@ -1,18 +1,23 @@
-"""Layer-wise L2 norms of weights and updates, exact under DDP, FSDP2 (DTensor) and FSDP1.
+"""Layer-wise L2 norms of weights and updates, exact under DDP, FSDP2, tensor parallel and FSDP1.
 
 The optimizer works on the *local* tensors of each parameter (for a DTensor its shard, for an
 FSDP1 parameter its flat view into this rank's shard). A norm of a local piece is not the norm
 of the parameter, so local squared norms are summed across the ranks that hold the other pieces:
 
 * plain tensors (single device, DDP): the local tensor is the whole parameter, nothing to do;
-* DTensor (FSDP2, HSDP, FSDP2 + tensor parallel): sum over the whole mesh, counting each element
-  once: a rank contributes only if its coordinate is 0 on every ``Replicate`` mesh dimension;
+* DTensor (FSDP2, HSDP, tensor parallel, FSDP2 + tensor parallel), and the local parameters that
+  ``DistributedDataParallel(device_mesh=...)`` makes of tensor-parallel DTensors (TP + DDP):
+  sum over the *reduction mesh*, the largest mesh of the parameters, which must contain the
+  others (a parameter may live on a sub-mesh, such as the data-parallel mesh of a module that
+  the tensor-parallel plan does not cover). Each element is counted once: a rank contributes
+  only if its coordinate is 0 on every ``Replicate`` dimension of the parameter's mesh and its
+  copy of that mesh is the one that holds the lowest rank of the reduction mesh;
 * FSDP1 ``use_orig_params=True``: sum over the shard process group of the parameter's
   ``FlatParamHandle`` (the intra-node group under ``HYBRID_SHARD``, none under ``NO_SHARD``).
 
 All squared norms are packed into one float vector and reduced with one ``all_reduce`` per
-distinct process group (one in total for FSDP2 and for FSDP1 ``FULL_SHARD``, none for DDP).
-Norms accumulate in float32 (float64 for float64 tensors). No collective depends on a
+distinct process group (one in total for FSDP2, tensor parallel and FSDP1 ``FULL_SHARD``, none
+for DDP). Norms accumulate in float32 (float64 for float64 tensors). No collective depends on a
 rank-local condition: the parameter lists are identical on all ranks.
 
 Gradients whose DTensor placements differ from their parameter's (``Partial(sum)`` gradients of
@@ -221,13 +226,16 @@ class ReductionPlan:
     def build(params: Sequence[Tensor], fsdp1_groups: ShardGroups | None = None) -> ReductionPlan:
         """Inspect the parameters (DTensor placements, registered FSDP1 groups)."""
         fsdp1_groups = fsdp1_groups or {}
-        # Per parameter: the group to sum over (_WORLD for DTensors), or None (full tensor).
+        specs = [_mesh_and_placements(p) for p in params]
+        meshes = _MeshInfo.of([spec[0] for spec in specs if spec is not None])
+        # Per parameter: the group to sum over (_WORLD for meshes spanning the world), or None.
         targets: list[object] = []
         counts: list[float] = []
-        for p in params:
-            if is_dtensor(p):
-                targets.append(_WORLD)
-                counts.append(_dtensor_count(p))
+        for p, spec in zip(params, specs, strict=True):
+            if spec is not None:
+                mesh, placements = spec
+                targets.append(meshes.target)
+                counts.append(_dtensor_count(mesh, placements, meshes))
             elif id(p) in fsdp1_groups and fsdp1_groups[id(p)] is not None:
                 targets.append(fsdp1_groups[id(p)])
                 counts.append(1.0)
@@ -287,7 +295,7 @@ class ReductionPlan:
         return squares.sqrt()
 
 
-_WORLD = object()  # marks DTensor parameters: reduced over the default (world) group
+_WORLD = object()  # marks DTensor parameters on meshes that span the world: default group
 
 
 def _as_group(target: object) -> dist.ProcessGroup | None:
@@ -295,19 +303,92 @@ def _as_group(target: object) -> dist.ProcessGroup | None:
     return None if target is _WORLD else cast("dist.ProcessGroup", target)
 
 
-def _dtensor_count(p: Tensor) -> float:
-    """1.0 if this rank's shard of DTensor ``p`` is counted: coordinate 0 on Replicate dims."""
-    mesh = p.device_mesh  # type: ignore[attr-defined]
-    if mesh.size() != dist.get_world_size():
+def _mesh_and_placements(p: Tensor) -> tuple[Any, tuple[Any, ...]] | None:
+    """The device mesh and placements of a sharded parameter, ``None`` for a full tensor.
+
+    A DTensor's own; or, for the local parameters that ``DistributedDataParallel(device_mesh=...)``
+    makes of tensor-parallel DTensors (TP + DDP), the DTensor spec it keeps in ``_st_info``.
+    """
+    if is_dtensor(p):
+        return p.device_mesh, tuple(p.placements)  # type: ignore[attr-defined]
+    spec = getattr(p, "_st_info", None)
+    if spec is not None and hasattr(spec, "mesh") and hasattr(spec, "placements"):
+        return spec.mesh, tuple(spec.placements)
+    return None
+
+
+@dataclass
+class _MeshInfo:
+    """The device meshes of the sharded parameters and the one their norms are summed over.
+
+    The reduction mesh is the largest; every other mesh (a sub-mesh) must lie inside it, so
+    that its copies partition it and the copy holding the reduction mesh's lowest rank can
+    stand for all. That assumes the copies hold the same values, as they do when every copy
+    runs the same module on the same inputs (a module outside the TP plan sees the same
+    activations on all tensor-parallel ranks); it is not checked, which would cost a collective.
+    """
+
+    target: object  # _WORLD, or the process group of a 1-D reduction mesh
+    lowest: int  # the lowest global rank of the reduction mesh
+    size: int  # the number of ranks of the reduction mesh
+    ranks: dict[int, frozenset[int]]  # id(mesh) -> the ranks of this rank's copy of the mesh
+
+    @staticmethod
+    def of(meshes: Sequence[Any]) -> _MeshInfo:
+        distinct = {id(m): m for m in meshes}
+        for m in distinct.values():
+            if m.get_coordinate() is None:
+                raise ValueError(
+                    f"rank {dist.get_rank()} is not in {m}, the device mesh of one of its "
+                    "parameters: expected every parameter on a mesh that contains this rank"
+                )
+        ranks = {key: frozenset(m.mesh.flatten().tolist()) for key, m in distinct.items()}
+        if not distinct:
+            return _MeshInfo(None, 0, 0, ranks)
+        span = max(ranks.values(), key=len)
+        outside = [m for key, m in distinct.items() if not ranks[key] <= span]
+        if outside:
+            widest = next(m for key, m in distinct.items() if ranks[key] == span)
+            raise ValueError(
+                f"the parameters' device meshes do not nest: {outside[0]} is not inside "
+                f"{widest}. TVLARS sums all norms over one mesh that contains the meshes of all "
+                "parameters; shard or replicate every parameter on that mesh or one of its "
+                "sub-meshes (e.g. apply fully_shard or the TP plan on slices of one root mesh)"
+            )
+        if len(span) == dist.get_world_size():
+            return _MeshInfo(_WORLD, min(span), len(span), ranks)
+        widest_1d = [m for key, m in distinct.items() if ranks[key] == span and m.ndim == 1]
+        if not widest_1d:
+            widest = next(m for key, m in distinct.items() if ranks[key] == span)
+            raise ValueError(
+                f"parameters on {widest}, a {widest.ndim}-D mesh of {len(span)} of the "
+                f"{dist.get_world_size()} ranks, are not supported: TVLARS sums norms with one "
+                "all_reduce over a mesh that spans all ranks or has one dimension (this happens "
+                "with pipeline parallelism over a multi-dimensional mesh)"
+            )
+        return _MeshInfo(widest_1d[0].get_group(), min(span), len(span), ranks)
+
+
+def _dtensor_count(mesh: Any, placements: Sequence[Any], meshes: _MeshInfo) -> float:
+    """1.0 if this rank's piece of a parameter on ``mesh`` is counted in the norm, else 0.0.
+
+    Counted: coordinate 0 on every ``Replicate`` mesh dimension, on the copy of ``mesh`` (a
+    sub-mesh of the reduction mesh) that holds the reduction mesh's lowest rank.
+    """
+    coordinate = mesh.get_coordinate()  # not None: checked by _MeshInfo.of
+    ranks = meshes.ranks[id(mesh)]
+    if meshes.size % len(ranks) != 0:
         raise ValueError(
-            f"DTensor parameters on a sub-mesh (mesh size {mesh.size()}, world size "
-            f"{dist.get_world_size()}) are not supported: TVLARS reduces norms over the world"
+            f"{mesh} ({len(ranks)} ranks) cannot tile the reduction mesh of {meshes.size} ranks: "
+            "expected sub-meshes sliced from one root mesh"
         )
-    coordinate = mesh.get_coordinate()
-    count = 1.0
-    for dim, placement in enumerate(p.placements):  # type: ignore[attr-defined]
+    count = 1.0 if meshes.lowest in ranks else 0.0
+    for dim, placement in enumerate(placements):
         if isinstance(placement, Partial):
-            raise ValueError(f"DTensor placement {placement} is not supported for parameters")
+            raise ValueError(
+                f"DTensor placement {placement} is not supported for parameters: expected "
+                "Shard or Replicate"
+            )
         if isinstance(placement, Replicate) and coordinate[dim] != 0:
             count = 0.0
     return count
