@@ -710,9 +710,13 @@ def test_timm_creates_tvlars_by_name(layer_decay: float | None) -> None:
 
 
 def test_tvlars_opts_in_to_grad_scaler_scaling() -> None:
-    assert TVLARS._step_supports_amp_scaling is True
     opt = TVLARS([nn.Parameter(torch.randn(2, 2))], lr=0.1)
-    assert opt._step_supports_amp_scaling is True
+    assert opt._step_supports_amp_scaling is True  # what GradScaler reads
+    # sharded parameters (here an FSDP1 view, marked as FSDP marks it) leave unscaling to the
+    # scaler: ShardedGradScaler keeps the ranks' found_inf in agreement only in unscale_
+    sharded = nn.Parameter(torch.randn(4))
+    sharded._fsdp_flattened = True  # type: ignore[attr-defined]
+    assert TVLARS([sharded], lr=0.1)._step_supports_amp_scaling is False
 
 
 INF_STEP = 2

@@ -40,7 +40,9 @@ from lightning_tvlars.optim.norms import (
     ReductionPlan,
     ShardGroups,
     fsdp1_shard_groups,
+    is_dtensor,
     is_flat_parameter,
+    local_gradients,
     local_norms,
     local_tensor,
 )
@@ -129,7 +131,9 @@ class TVLARS(Optimizer):
 
     Mixed precision: TVLARS unscales inside its step (``_step_supports_amp_scaling``), so
     ``scaler.step(optimizer)`` costs no host sync; the gradients are unscaled in place, as
-    ``scaler.unscale_`` would leave them.
+    ``scaler.unscale_`` would leave them. With sharded parameters (FSDP) it leaves unscaling
+    to the scaler, whose ``ShardedGradScaler.unscale_`` keeps all ranks' skip decisions and
+    scales equal.
 
     Example:
         >>> import torch
@@ -143,7 +147,20 @@ class TVLARS(Optimizer):
         (1, 0.731)
     """
 
-    _step_supports_amp_scaling = True
+    @property
+    def _step_supports_amp_scaling(self) -> bool:  # read by torch.amp.GradScaler
+        """Unscale inside the step, unless parameters are sharded (DTensor, FSDP1 views).
+
+        ``ShardedGradScaler`` all-reduces ``found_inf`` across ranks only in ``unscale_``, which
+        it skips for optimizers that unscale themselves: their ranks would keep different
+        scales. For sharded parameters TVLARS therefore lets the scaler unscale (one host sync
+        per step, where the scaler checks ``found_inf``).
+        """
+        return not any(
+            is_dtensor(p) or getattr(p, "_fsdp_flattened", False)
+            for group in self.param_groups
+            for p in group["params"]
+        )
 
     def __init__(
         self,
@@ -283,7 +300,7 @@ class TVLARS(Optimizer):
         ``tensors[i]`` has the layout of ``params[i]`` (DTensor or local piece); the result is
         exact under sharding, at the cost of at most one collective per process group.
         """
-        local = local_norms([local_tensor(t) for t in tensors], foreach=True)
+        local = local_norms(local_gradients(params, tensors), foreach=True)
         return self._reduction_plan(params).reduce(local)
 
     @property
@@ -313,6 +330,7 @@ class TVLARS(Optimizer):
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)  # set by GradScaler
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         groups = [tensors for group in self.param_groups if (tensors := self._gather(group)).params]
+        self._localize_gradients(groups)
         if not groups:
             self._finish(StepRecord.empty(t, self._phase_value(t, torch.device("cpu"))))
             return loss
@@ -371,22 +389,33 @@ class TVLARS(Optimizer):
         for group in self.param_groups:
             group["step"] = record.step + 1
 
+    @staticmethod
+    def _localize_gradients(groups: list[GroupTensors]) -> None:
+        """Every gradient as the local piece laid out like its parameter's (one call for the
+        whole step: gradients that tensor parallelism leaves ``Partial`` are summed in one
+        collective per process group)."""
+        params = [p for tensors in groups for p in tensors.params]
+        local = iter(local_gradients(params, [g for tensors in groups for g in tensors.grads]))
+        for tensors in groups:
+            tensors.grads = [next(local) for _ in tensors.grads]
+            if any(g.is_sparse for g in tensors.grads):
+                raise TypeError("TVLARS does not support sparse gradients")
+
     def _gather(self, group: dict[str, Any]) -> GroupTensors:
-        """The local weight, gradient and momentum buffer of every parameter with a gradient."""
+        """The local weight, the gradient (as held) and the momentum buffer of every parameter
+        with a gradient."""
         names = group.get("param_names")
         tensors = GroupTensors(group)
         for i, p in enumerate(group["params"]):
             weight = local_tensor(p)
             if p.grad is not None:
-                grad = local_tensor(p.grad)
+                grad = p.grad
             elif id(p) in self._fsdp1_groups:
                 # FSDP1 leaves grad None where this rank's shard of p is empty: keep the list
                 # identical on all ranks so that the norm reduction matches everywhere.
                 grad = torch.zeros_like(weight)
             else:
                 continue
-            if grad.is_sparse:
-                raise TypeError("TVLARS does not support sparse gradients")
             tensors.params.append(p)
             tensors.names.append(names[i] if names else None)
             tensors.weights.append(weight)
