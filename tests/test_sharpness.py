@@ -1,15 +1,23 @@
-"""Sharpness measures: exact answers on quadratics, scale invariance, no side effects."""
+"""Sharpness measures: exact answers on quadratics, scale invariance, no side effects, callback."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import csv
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+import torchmetrics
+from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
+from lightning_tvlars.lightning.sharpness import SharpnessProbe
 from lightning_tvlars.sharpness import (
     SharpnessReport,
     filter_normalized_sharpness,
@@ -20,6 +28,15 @@ from lightning_tvlars.sharpness import (
 )
 
 KEYS = ("top_eigenvalue", "trace", "filter_normalized")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only contend (10x slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _quadratic(
@@ -282,3 +299,236 @@ def test_bad_arguments_name_the_argument(
 
     with pytest.raises(error, match=match):
         call(loss, model)
+
+
+# ---------------------------------------------------------------- the Lightning callback
+
+
+class _Classifier(pl.LightningModule):
+    """BN, Dropout, a torchmetrics metric and ``self.log`` in ``training_step``."""
+
+    def __init__(self, manual: bool = False) -> None:
+        super().__init__()
+        self.automatic_optimization = not manual
+        self.net = _bn_net()
+        self.accuracy = torchmetrics.classification.MulticlassAccuracy(3, average="micro")
+        self.calls = 0
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        self.accuracy(logits, y)
+        self.log("train/loss", loss)
+        self.log("train/acc", self.accuracy, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def _data(n: int = 96) -> TensorDataset:
+    gen = torch.Generator().manual_seed(0)
+    return TensorDataset(
+        torch.randn(n, 1, 8, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+    )
+
+
+def _fit(
+    tmp_path: Path, callbacks: list[pl.Callback], max_steps: int = 5, **kwargs: Any
+) -> tuple[_Classifier, list[dict[str, str]]]:
+    torch.manual_seed(0)
+    model = _Classifier()
+    kwargs.setdefault("devices", 1)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=CSVLogger(tmp_path, version=0),  # fixed: a spawned rank 0 names it too
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **kwargs,
+    )
+    trainer.fit(model, DataLoader(_data(), batch_size=16, shuffle=True))
+    assert trainer.logger is not None and trainer.logger.log_dir is not None
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        return model, list(csv.DictReader(f))
+
+
+def _probe_rows(rows: list[dict[str, str]]) -> dict[int, dict[str, float]]:
+    found = {}
+    for row in rows:
+        values = {k.split("/")[-1]: float(v) for k, v in row.items() if "sharpness" in k and v}
+        if values:
+            found[int(row["step"])] = values
+    return found
+
+
+def test_probe_logs_every_n_steps_and_at_the_end_and_fills_history(tmp_path: Path) -> None:
+    probe = SharpnessProbe(every_n_steps=2, num_samples=40, iterations=5, trace_samples=2)
+    _, rows = _fit(tmp_path, [probe])
+    logged = _probe_rows(rows)
+    assert sorted(logged) == [2, 4, 5] == [r.step for r in probe.history]
+    for report in probe.history:
+        assert set(logged[report.step]) >= set(KEYS)
+        assert logged[report.step]["top_eigenvalue"] == pytest.approx(report.top_eigenvalue)
+        assert report.num_samples == 40 and report.hessian_vector_products <= 5 + 2
+        assert all(math.isfinite(getattr(report, k)) for k in KEYS)
+    assert probe.batch[0].shape == (40, 1, 8)
+
+
+def test_probe_at_chosen_steps_with_a_given_batch_and_loss_fn(tmp_path: Path) -> None:
+    x, y = _data(20).tensors
+    seen = []
+
+    def loss_fn(module: pl.LightningModule, batch: tuple[Tensor, Tensor]) -> Tensor:
+        seen.append(batch[0].shape[0])
+        return F.cross_entropy(module.net(batch[0]), batch[1])
+
+    probe = SharpnessProbe(
+        at_steps=(0, 3), at_end=False, batch=(x, y), loss_fn=loss_fn, measures=["trace"]
+    )
+    _, rows = _fit(tmp_path, [probe])
+    assert [r.step for r in probe.history] == [0, 3]
+    assert sorted(_probe_rows(rows)) == [0, 3]
+    assert set(_probe_rows(rows)[3]) == {"trace", "loss"}
+    assert set(seen) == {20}
+    with torch.no_grad():  # the module at step 0, in eval mode
+        reference = F.cross_entropy(_bn_net().eval()(x), y).item()
+    assert probe.history[0].loss == pytest.approx(reference, rel=1e-6)
+
+
+@pytest.mark.usefixtures("free_port")
+def test_probing_does_not_change_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same weights, BN statistics, logged loss and epoch accuracy with and without the probe.
+
+    The probe calls ``training_step`` (which logs and updates a metric) on a batch it draws
+    from the shuffled training set: none of that may leak into training or the logs. The DDP
+    run (one gloo process) probes the unwrapped module while DDP's reducer owns the gradients.
+    """
+    from lightning.pytorch.strategies import DDPStrategy
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # else DDP sets the thread count (and the bits)
+    plain, plain_rows = _fit(tmp_path / "plain", [], max_steps=6)
+    for name, strategy in [("single", "auto"), ("ddp", DDPStrategy(process_group_backend="gloo"))]:
+        probe = SharpnessProbe(every_n_steps=1, num_samples=24, iterations=3, trace_samples=2)
+        try:
+            probed, rows = _fit(
+                tmp_path / name,
+                [probe],
+                max_steps=6,
+                strategy=strategy,
+                use_distributed_sampler=False,  # the same shuffled order as the plain run
+            )
+        finally:
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        for (key, a), b in zip(
+            probed.state_dict().items(), plain.state_dict().values(), strict=True
+        ):
+            assert torch.equal(a, b), f"{name}: {key}"
+        strip = [{k: v for k, v in row.items() if "sharpness" not in k} for row in rows]
+        assert [r for r in strip if any(v for k, v in r.items() if k != "step")] == plain_rows
+        assert [r.step for r in probe.history] == [1, 2, 3, 4, 5, 6], name
+
+
+def test_only_global_rank_zero_measures() -> None:
+    class Rank1:
+        global_step, is_global_zero, loggers = 4, False, ()
+
+    probe = SharpnessProbe(every_n_steps=2, loss_fn=lambda m, b: pytest.fail("measured"))
+    probe.on_train_batch_end(Rank1(), _Classifier())  # type: ignore[arg-type]
+    assert probe.history == [] and probe._last_step == 4
+
+
+def test_gradient_accumulation_measures_each_step_once(tmp_path: Path) -> None:
+    probe = SharpnessProbe(every_n_steps=1, num_samples=16, measures=["filter_normalized"])
+    _fit(tmp_path, [probe], max_steps=3, accumulate_grad_batches=2)
+    assert [r.step for r in probe.history] == [1, 2, 3]
+
+
+def test_captured_batch_is_a_seeded_subset_whatever_the_loader_order() -> None:
+    data = _data(50)
+    a = SharpnessProbe(every_n_steps=1, num_samples=10, seed=3)._capture(
+        DataLoader(data, batch_size=4, shuffle=True)
+    )
+    b = SharpnessProbe(every_n_steps=1, num_samples=10, seed=3)._capture(
+        DataLoader(data, batch_size=7)
+    )
+    c = SharpnessProbe(every_n_steps=1, num_samples=10, seed=4)._capture(
+        DataLoader(data, batch_size=7)
+    )
+    assert a[0].shape == (10, 1, 8) and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    whole = SharpnessProbe(every_n_steps=1, num_samples=500)._capture(DataLoader(data))
+    assert torch.equal(whole[0], data.tensors[0])  # smaller data set: all of it, in order
+
+
+def test_iterable_datasets_give_their_first_samples() -> None:
+    class Stream(IterableDataset):
+        def __iter__(self) -> Any:
+            yield from zip(*_data(50).tensors, strict=True)
+
+    batch = SharpnessProbe(every_n_steps=1, num_samples=10)._capture(
+        DataLoader(Stream(), batch_size=4)
+    )
+    assert batch[0].shape == (10, 1, 8)
+    assert torch.equal(batch[0], _data(50).tensors[0][:10])
+
+
+def test_probe_state_survives_a_checkpoint_round_trip() -> None:
+    probe = SharpnessProbe(every_n_steps=2)
+    probe.history = [SharpnessReport(step=2, loss=1.0, trace=3.0)]
+    probe._last_step = 2
+    restored = SharpnessProbe(every_n_steps=2)
+    restored.load_state_dict(probe.state_dict())
+    assert restored.history == probe.history and restored._last_step == 2
+    assert probe.state_key != SharpnessProbe(every_n_steps=3).state_key
+
+
+def test_manual_optimization_needs_a_loss_fn(tmp_path: Path) -> None:
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="loss_fn=None is invalid with manual optimization"):
+        SharpnessProbe(every_n_steps=1).setup(trainer, _Classifier(manual=True), "fit")
+    SharpnessProbe(every_n_steps=1, loss_fn=lambda m, b: m.net(b[0]).sum()).setup(
+        trainer, _Classifier(manual=True), "fit"
+    )
+
+
+def test_sharded_strategies_are_refused() -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class FakeTrainer:
+        strategy = FSDPStrategy.__new__(FSDPStrategy)  # no process group needed
+
+    with pytest.raises(ValueError, match="strategy=FSDPStrategy is not supported"):
+        SharpnessProbe(every_n_steps=1).setup(FakeTrainer(), _Classifier(), "fit")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"every_n_steps": 0}, ValueError, "every_n_steps=0 is invalid"),
+        ({"every_n_steps": 2.0}, TypeError, "every_n_steps=2.0 is invalid"),
+        ({"at_steps": 3}, TypeError, "at_steps=3 is invalid"),
+        ({"at_steps": [1, -2]}, ValueError, r"at_steps=\[1, -2\] is invalid"),
+        ({"at_end": "yes"}, TypeError, "at_end='yes' is invalid"),
+        ({"at_end": False}, ValueError, "leave nothing to measure"),
+        ({"num_samples": 0, "at_end": True}, ValueError, "num_samples=0 is invalid"),
+        ({"loss_fn": "mse"}, TypeError, "loss_fn='mse' is invalid"),
+        ({"measures": ("trace", "hessian")}, ValueError, "measures=.* is invalid"),
+        ({"iterations": -1}, ValueError, "iterations=-1 is invalid"),
+        ({"tol": 0.0}, ValueError, "tol=0.0 is invalid"),
+        ({"trace_samples": 0}, ValueError, "trace_samples=0 is invalid"),
+        ({"directions": 0}, ValueError, "directions=0 is invalid"),
+        ({"radius": math.inf}, ValueError, "radius=inf is invalid"),
+        ({"seed": 2**40}, ValueError, "seed=1099511627776 is invalid"),
+    ],
+)
+def test_probe_rejects_bad_arguments(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        SharpnessProbe(**kwargs)
