@@ -112,13 +112,14 @@ class SharpnessReport:
     def metrics(self, prefix: str = "tvlars/sharpness") -> dict[str, float]:
         """The measured values as ``{f"{prefix}/<field>": value}``, for a logger.
 
-        Keys: ``loss``, ``top_eigenvalue``, ``trace``, ``filter_normalized`` and
-        ``filter_normalized_max`` (the measures that were computed).
+        Keys: ``loss``, ``top_eigenvalue``, ``trace``, ``trace_stderr``, ``filter_normalized``
+        and ``filter_normalized_max`` (those that were computed).
         """
         values = {
             "loss": self.loss,
             "top_eigenvalue": self.top_eigenvalue,
             "trace": self.trace,
+            "trace_stderr": self.trace_stderr,
             "filter_normalized": self.filter_normalized,
             "filter_normalized_max": self.filter_normalized_max,
         }

@@ -258,7 +258,11 @@ def test_same_seed_same_numbers_other_seed_other_numbers() -> None:
 
 def test_report_metrics_keep_the_measured_values_only() -> None:
     report = SharpnessReport(step=3, loss=1.5, trace=2.0, trace_stderr=0.1)
-    assert report.metrics() == {"tvlars/sharpness/loss": 1.5, "tvlars/sharpness/trace": 2.0}
+    assert report.metrics() == {
+        "tvlars/sharpness/loss": 1.5,
+        "tvlars/sharpness/trace": 2.0,
+        "tvlars/sharpness/trace_stderr": 0.1,
+    }
 
 
 @pytest.mark.parametrize(
@@ -393,7 +397,7 @@ def test_probe_at_chosen_steps_with_a_given_batch_and_loss_fn(tmp_path: Path) ->
     _, rows = _fit(tmp_path, [probe])
     assert [r.step for r in probe.history] == [0, 3]
     assert sorted(_probe_rows(rows)) == [0, 3]
-    assert set(_probe_rows(rows)[3]) == {"trace", "loss"}
+    assert set(_probe_rows(rows)[3]) == {"trace", "trace_stderr", "loss"}
     assert set(seen) == {20}
     with torch.no_grad():  # the module at step 0, in eval mode
         reference = F.cross_entropy(_bn_net().eval()(x), y).item()

@@ -9,6 +9,7 @@ Metrics::
 
     tvlars/sharpness/top_eigenvalue         dominant Hessian eigenvalue (power iteration)
     tvlars/sharpness/trace                  Hutchinson estimate of the Hessian trace
+    tvlars/sharpness/trace_stderr           its standard error (trace_samples > 1)
     tvlars/sharpness/filter_normalized      mean L(w +- r d) - L(w), filter-normalized d
     tvlars/sharpness/filter_normalized_max  the largest of those increases
     tvlars/sharpness/loss                   L(w) on the probe batch (eval mode)
