@@ -507,8 +507,10 @@ def test_sharded_strategies_are_refused() -> None:
     class FakeTrainer:
         strategy = FSDPStrategy.__new__(FSDPStrategy)  # no process group needed
 
+    probe = SharpnessProbe(every_n_steps=1)
     with pytest.raises(ValueError, match="strategy=FSDPStrategy is not supported"):
-        SharpnessProbe(every_n_steps=1).setup(FakeTrainer(), _Classifier(), "fit")  # type: ignore[arg-type]
+        probe.setup(FakeTrainer(), _Classifier(), "fit")  # type: ignore[arg-type]
+    probe.setup(FakeTrainer(), _Classifier(), "test")  # type: ignore[arg-type]  # inactive
 
 
 @pytest.mark.parametrize(

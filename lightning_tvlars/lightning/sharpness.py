@@ -264,6 +264,8 @@ class SharpnessProbe(pl.Callback):
     # Hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":  # the probe only acts during training
+            return
         strategy = trainer.strategy
         stage_zero = deepspeed_zero_stage(strategy)
         if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or stage_zero:
