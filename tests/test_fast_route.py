@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_tvlars import TVLARS, SigmoidPhase, param_groups
+from lightning_tvlars.optim import update
 from lightning_tvlars.optim.update import is_dense
 
 MULTI_TENSOR_OPS = ("_foreach_", "_fused_sgd")
@@ -74,6 +75,7 @@ def _model(layers: int) -> nn.Module:
 
 
 def _record(layers: int, phase: SigmoidPhase | None) -> MultiTensorCalls:
+    """Calls of the second step of the accelerators' multi-tensor path, run here on CPU."""
     torch.manual_seed(0)
     model = _model(layers)
     x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
@@ -85,6 +87,12 @@ def _record(layers: int, phase: SigmoidPhase | None) -> MultiTensorCalls:
         with recorder:
             opt.step()
     return recorder
+
+
+@pytest.fixture(autouse=True)
+def _accelerator_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU runs its own cache-blocked variant; these tests are about the accelerators' path."""
+    monkeypatch.setattr(update, "BATCHED_DEVICES", frozenset())
 
 
 @pytest.mark.parametrize("phase", [SigmoidPhase(decay=0.1, delay=5), None])

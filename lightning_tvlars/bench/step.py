@@ -1,22 +1,29 @@
-"""Optimizer step benchmark: time, dispatched ops, host syncs and state memory per step.
+"""Optimizer step benchmark: time, operators, CUDA kernels, host syncs and memory per step.
 
-``lightning-tvlars bench-step`` (or ``python -m lightning_tvlars.bench.step``) builds the
-parameter shapes of ResNet-50 and ViT-B/16 (torchvision, no weights) and of a small language
-model (a few large matrices), gives them random gradients, and times one ``optimizer.step()``
-of each optimizer: median over repeated steps, and the ratio to
-``torch.optim.SGD(momentum=0.9, weight_decay=5e-4, foreach=True)`` measured in the same run.
+``lightning-tvlars bench-step`` builds the parameter shapes of ResNet-50 and ViT-B/16
+(torchvision, no weights), of a small language model (a few large matrices) and of two
+synthetic stacks of 8 and 32 identical layers, gives them random gradients, and times one
+``optimizer.step()`` of each optimizer: median over repeated steps, interleaved (A B C ... A B C
+...), and the ratio to ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4, foreach=True)``.
 
-* ops: aten operators dispatched by one step (a ``TorchDispatchMode`` counter; a foreach op
-  counts once, as one dispatch);
-* host syncs: ``aten._local_scalar_dense`` calls (``.item()``, ``bool(tensor)``, ``if t:``), each a
-  device-to-host synchronisation on a GPU; on CUDA, ``torch.cuda.set_sync_debug_mode("error")``
-  is also armed around TVLARS steps;
+Per step it also reports:
+
+* ops: aten operators dispatched (a ``TorchDispatchMode`` counter; a foreach op counts once);
+* kernels (CUDA): GPU kernels launched, from ``torch.profiler`` (the ``layers8`` and
+  ``layers32`` sets show whether the count grows with the number of tensors);
+* host syncs: ``aten._local_scalar_dense`` calls (``.item()``, ``bool(tensor)``); on CUDA each
+  TVLARS step also runs under ``torch.cuda.set_sync_debug_mode("error")``;
+* extra memory (CUDA): peak allocated during the step minus allocated before it;
 * state: optimizer state bytes / parameter bytes (SGD with momentum: 1.0).
+
+Rows are printed as they are measured; with ``--out`` the markdown table and a figure are
+written after each parameter set, so an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import time
 from collections import Counter
@@ -33,6 +40,7 @@ from lightning_tvlars import TVLARS, SigmoidPhase
 from lightning_tvlars.optim.groups import split_by_ndim
 
 WEIGHT_DECAY = 5e-4
+PARAMETER_SETS = ("resnet50", "vit_b_16", "lm", "layers8", "layers32", "tiny")
 
 
 class OpCounter(TorchDispatchMode):
@@ -56,7 +64,7 @@ class OpCounter(TorchDispatchMode):
 
 
 def parameter_shapes(name: str) -> list[torch.Size]:
-    """Shapes of a model's parameters: resnet50, vit_b_16, lm, or tiny (for smoke tests)."""
+    """Shapes of a parameter set (see the module docstring); ``tiny`` is for smoke tests."""
     if name in ("resnet50", "vit_b_16"):
         import torchvision
 
@@ -79,9 +87,12 @@ def parameter_shapes(name: str) -> list[torch.Size]:
             (1024,),
         ]
         return [torch.Size(s) for s in [(32000, 1024), *block * 4, (1024,), (1024,)]]
+    if name in ("layers8", "layers32"):  # Linear(512, 512) + bias + LayerNorm, repeated
+        layers = int(name.removeprefix("layers"))
+        return [torch.Size(s) for s in [(512, 512), (512,), (512,), (512,)] * layers]
     if name == "tiny":
         return [torch.Size(s) for s in [(64, 32), (64,), (64,), (10, 64), (10,)]]
-    raise ValueError(f"parameter set {name!r} is invalid: expected resnet50, vit_b_16, lm or tiny")
+    raise ValueError(f"parameter set {name!r} is invalid: expected one of {PARAMETER_SETS}")
 
 
 def make_params(shapes: Sequence[torch.Size], device: str, seed: int = 0) -> list[nn.Parameter]:
@@ -94,7 +105,7 @@ def make_params(shapes: Sequence[torch.Size], device: str, seed: int = 0) -> lis
     return params
 
 
-def _tvlars(foreach: bool) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+def _tvlars(foreach: bool | None) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
     return lambda ps: TVLARS(
         split_by_ndim(ps, WEIGHT_DECAY),
         lr=1.0,
@@ -119,6 +130,9 @@ def _timm(name: str, **kwargs: Any) -> Callable[[list[nn.Parameter]], torch.opti
     return build
 
 
+#: ``TVLARS`` is the default (``foreach=None``); ``TVLARS foreach`` forces the multi-tensor
+#: path, ``TVLARS per-tensor`` the elementwise one (``foreach=False``); ``TVLARS compiled``
+#: wraps the default step in ``torch.compile(fullgraph=True)``.
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
     "SGD foreach": lambda ps: torch.optim.SGD(
         ps, lr=0.1, momentum=0.9, weight_decay=WEIGHT_DECAY, foreach=True
@@ -126,27 +140,40 @@ OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
     "SGD fused": lambda ps: torch.optim.SGD(
         ps, lr=0.1, momentum=0.9, weight_decay=WEIGHT_DECAY, fused=True
     ),
+    "TVLARS": _tvlars(None),
     "TVLARS foreach": _tvlars(True),
     "TVLARS per-tensor": _tvlars(False),
-    "TVLARS compiled": _tvlars(True),  # step wrapped in torch.compile(fullgraph=True)
+    "TVLARS compiled": _tvlars(None),
     "lightly LARS": _lightly_lars,
     "timm Lars": _timm("Lars", momentum=0.9),
     "timm Lamb": _timm("Lamb"),
 }
+DEFAULT_OPTIMIZERS = (
+    "SGD foreach",
+    "SGD fused",
+    "TVLARS",
+    "TVLARS compiled",
+    "lightly LARS",
+    "timm Lars",
+    "timm Lamb",
+)
 
 
 @dataclass
 class Result:
     optimizer: str
     median_ms: float
-    ops: int
-    host_syncs: int
+    ops: int | None
+    host_syncs: int | None
     state_ratio: float
+    kernels: int | None = None
+    extra_memory_mb: float | None = None
+    sync_free: bool | None = None
     compile_s: float | None = None
 
 
 def _sync(device: str) -> None:
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
@@ -160,6 +187,38 @@ def _state_ratio(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter
     return state / sum(p.numel() * p.element_size() for p in params)
 
 
+def count_kernels(step: Callable[[], Any]) -> int:
+    """GPU kernels (and memory copies) launched by one call of ``step`` (torch.profiler)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+
+
+def _sync_free(step: Callable[[], Any]) -> bool:
+    """True if ``step`` ran under ``torch.cuda.set_sync_debug_mode("error")``."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    except RuntimeError:
+        return False
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return True
+
+
+def _extra_memory_mb(step: Callable[[], Any]) -> float:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def measure(
     names: Sequence[str], shapes: Sequence[torch.Size], device: str, repeats: int
 ) -> list[Result]:
@@ -170,6 +229,7 @@ def measure(
     temporaries or returns it to the OS (page faults on the next step), which drifts with what
     else the process allocated.
     """
+    cuda = device.startswith("cuda")
     steps: dict[str, Callable[[], Any]] = {}
     results: dict[str, Result] = {}
     for name in names:
@@ -177,7 +237,8 @@ def measure(
         optimizer = OPTIMIZERS[name](params)
         step: Callable[[], Any] = optimizer.step
         compile_s = None
-        if name == "TVLARS compiled":
+        compiled = name == "TVLARS compiled"
+        if compiled:
             step = torch.compile(optimizer.step, fullgraph=True)
             start = time.perf_counter()
             for _ in range(3):  # the first call compiles, the second with a dynamic step count
@@ -185,56 +246,68 @@ def measure(
             _sync(device)
             compile_s = time.perf_counter() - start
         step()  # warm-up: lazy state
-        counter = OpCounter()
-        if name != "TVLARS compiled":  # a dispatch mode would re-trace the compiled graph
+        _sync(device)
+        ops = syncs = None
+        if not compiled:  # a dispatch mode would re-trace the compiled graph
+            counter = OpCounter()
             with counter:
                 step()
-        steps[name] = step
-        results[name] = Result(
-            name, 0.0, counter.total, counter.host_syncs, _state_ratio(optimizer, params), compile_s
-        )
+            ops, syncs = counter.total, counter.host_syncs
+        result = Result(name, 0.0, ops, syncs, _state_ratio(optimizer, params), compile_s=compile_s)
+        if cuda:
+            result.kernels = count_kernels(step)
+            result.extra_memory_mb = _extra_memory_mb(step)
+            if name.startswith("TVLARS"):
+                result.sync_free = _sync_free(step)
+        steps[name], results[name] = step, result
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(repeats):
         for name, step in steps.items():
-            guard = name.startswith("TVLARS") and device == "cuda"
             _sync(device)
-            if guard:
-                torch.cuda.set_sync_debug_mode("error")
             start = time.perf_counter()
             step()
             _sync(device)
             times[name].append(time.perf_counter() - start)
-            if guard:
-                torch.cuda.set_sync_debug_mode("default")
     for name in names:
         results[name].median_ms = 1e3 * statistics.median(times[name])
     return [results[name] for name in names]
 
 
+def _cell(value: object, fmt: str = "{}") -> str:
+    return "n/a" if value is None else fmt.format(value)
+
+
 def markdown(results: dict[str, list[Result]], device: str, environment: str) -> str:
-    lines = [
-        f"## Optimizer step on {device}",
-        "",
-        environment,
-        "",
-    ]
+    cuda = device.startswith("cuda")
+    lines = [f"## Optimizer step on {device}", "", environment, ""]
     for param_set, rows in results.items():
         base = next(r.median_ms for r in rows if r.optimizer == "SGD foreach")
+        fused = next((r.median_ms for r in rows if r.optimizer == "SGD fused"), None)
+        head = "| optimizer | median step (ms) | vs SGD foreach | vs SGD fused | ops / step "
+        head += "| kernels / step | extra memory (MB) | " if cuda else "| "
+        head += "host syncs / step | state / params |"
         lines += [
             f"### {param_set} ({len(parameter_shapes(param_set))} tensors)",
             "",
-            "| optimizer | median step (ms) | vs SGD foreach | ops / step | host syncs / step "
-            "| state / params |",
-            "|---|---:|---:|---:|---:|---:|",
+            head,
+            "|---|" + "---:|" * (8 if cuda else 6),
         ]
         for r in rows:
-            ops = "n/a (compiled)" if r.optimizer == "TVLARS compiled" else str(r.ops)
-            syncs = "n/a (compiled)" if r.optimizer == "TVLARS compiled" else str(r.host_syncs)
             extra = f" (compile {r.compile_s:.0f} s)" if r.compile_s is not None else ""
-            lines.append(
-                f"| {r.optimizer}{extra} | {r.median_ms:.2f} | {r.median_ms / base:.2f}x "
-                f"| {ops} | {syncs} | {r.state_ratio:.2f} |"
-            )
+            syncs = _cell(r.host_syncs)
+            if r.sync_free is not None:
+                syncs += " (sync-debug: " + ("none" if r.sync_free else "SYNC") + ")"
+            cells = [
+                f"{r.optimizer}{extra}",
+                f"{r.median_ms:.3f}",
+                f"{r.median_ms / base:.2f}x",
+                f"{r.median_ms / fused:.2f}x" if fused else "n/a",
+                _cell(r.ops),
+            ]
+            if cuda:
+                cells += [_cell(r.kernels), _cell(r.extra_memory_mb, "{:.0f}")]
+            cells += [syncs, f"{r.state_ratio:.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -264,26 +337,34 @@ def plot(results: dict[str, list[Result]], device: str, path: Path) -> None:
     plt.close(fig)
 
 
+def environment(device: str) -> str:
+    text = (
+        f"torch {torch.__version__}, {platform.machine()} {platform.processor() or ''}, "
+        f"{torch.get_num_threads()} CPU thread(s)"
+    )
+    if device.startswith("cuda"):
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="lightning-tvlars bench-step", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sets", nargs="+", default=["resnet50", "vit_b_16", "lm"])
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
+    parser.add_argument(
+        "--sets", nargs="+", default=["resnet50", "vit_b_16", "lm"], choices=PARAMETER_SETS
+    )
+    parser.add_argument(
+        "--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS), choices=list(OPTIMIZERS)
+    )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write step_<device>.md/.png here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import platform
-
-    environment = (
-        f"torch {torch.__version__}, {platform.machine()} "
-        f"{platform.processor() or ''}, {torch.get_num_threads()} thread(s)"
-        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else "")
-    )
+    device_name = args.device.split(":")[0]
     results: dict[str, list[Result]] = {}
     for param_set in args.sets:
         results[param_set] = measure(
@@ -291,16 +372,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         for r in results[param_set]:
             print(
-                f"{param_set:>9} {r.optimizer:>22}: {r.median_ms:9.2f} ms  {r.ops:5d} ops  "
-                f"{r.host_syncs:4d} syncs",
+                f"{param_set:>9} {r.optimizer:>18}: {r.median_ms:9.3f} ms  ops {_cell(r.ops):>5}  "
+                f"kernels {_cell(r.kernels):>5}  syncs {_cell(r.host_syncs):>3}",
                 flush=True,
             )
-    text = markdown(results, args.device, environment)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"step_{args.device}.md").write_text(text)
-        plot(results, args.device, args.out / f"step_{args.device}.png")
+        text = markdown(results, device_name, environment(args.device))
+        if args.out:  # after every set: an interrupted run keeps what it measured
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / f"step_{device_name}.md").write_text(text)
+            plot(results, device_name, args.out / f"step_{device_name}.png")
+    print(markdown(results, device_name, environment(args.device)))
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ from lightning_tvlars.optim.norms import accumulation_dtype
 BLOCK = 512
 #: Most elements in one batch on CPU: the batch's w, g, u and b (16 MB in float32) stay in L3.
 CPU_BATCH = 1 << 20
+#: Device types whose multi-tensor path runs batch by batch (see :class:`MultiTensorUpdate`);
+#: the tests empty it to run the accelerators' path on CPU.
+BATCHED_DEVICES = frozenset({"cpu"})
 
 
 @dataclass
@@ -288,19 +291,27 @@ def _fused_momentum_step(
 
 
 class MultiTensorUpdate:
-    """A fixed number of fast-route multi-tensor operations per batch (see the module doc)."""
+    """A fixed number of multi-tensor operations per batch (see the module docstring).
+
+    ``u`` is formed in a block workspace, so that the per-tensor scale is one broadcast
+    multiply. On accelerators it is formed once, with fast-route multi-tensor operations, and
+    kept between the phases. On CPU, where multi-tensor operations are loops anyway, one
+    batch-sized workspace serves every batch: ``u`` is formed again in phase 2 while the batch
+    is in cache, one ``torch.add(..., out=)`` per entry (two passes less than copy then add,
+    and no fresh output, which on CPU costs page faults).
+    """
 
     def __init__(self, tensors: GroupTensors, order: list[int], layouts: Layouts) -> None:
         self.tensors, self.order = tensors, order
         group = tensors.group
         # Scaled or decayed updates need a workspace; plain momentum SGD reads the gradients.
         self.workspace = group["adapt"] or group["weight_decay"] != 0
-        device = tensors.weights[order[0]].device
-        cpu = device.type == "cpu"
+        self.cpu = tensors.weights[order[0]].device.type in BATCHED_DEVICES
         self.layout = layouts.get(
-            id(group), tensors, order, self.workspace, CPU_BATCH if cpu else None
+            id(group), tensors, order, self.workspace, CPU_BATCH if self.cpu else None
         )
-        self.recompute = cpu and self.workspace and len(self.layout.batches) > 1
+        # On CPU with several batches, the shared workspace holds the last batch's u only.
+        self.recompute = self.cpu and self.workspace and len(self.layout.batches) > 1
         self._grads: list[list[Tensor]] = []
 
     def _batch_grads(self) -> list[list[Tensor]]:
@@ -325,8 +336,15 @@ class MultiTensorUpdate:
         """``u = g + weight_decay * w`` in the workspace (or ``g`` itself without one)."""
         if not self.workspace:
             return grads
-        torch._foreach_copy_(batch.views, grads)
         decay = self.tensors.group["weight_decay"]
+        if self.cpu:
+            for view, g, w in zip(batch.views, grads, batch.weights, strict=True):
+                if decay != 0:
+                    torch.add(g, w, alpha=decay, out=view)
+                else:
+                    view.copy_(g)
+            return batch.views
+        torch._foreach_copy_(batch.views, grads)
         if decay != 0:
             torch._foreach_add_(batch.views, batch.weights, alpha=decay)
         return batch.views

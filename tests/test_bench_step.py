@@ -1,0 +1,69 @@
+"""The step benchmark: its counters (ops, host syncs, state) and its command on CPU.
+
+The same code runs on CUDA (``lightning-tvlars bench-step --device cuda``), where it adds kernel
+counts, the sync-debug check and the extra memory; here the CPU path is exercised end to end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_tvlars.bench import step
+from lightning_tvlars.optim import update
+
+
+def test_tvlars_step_has_no_host_sync_and_sgd_sized_state() -> None:
+    (result,) = step.measure(["TVLARS"], step.parameter_shapes("tiny"), "cpu", repeats=2)
+    assert result.host_syncs == 0
+    assert result.state_ratio == 1.0  # one momentum buffer per parameter, as SGD
+    # the counter does see syncs: lightly's LARS branches on tensor values in Python
+    assert step.measure(["lightly LARS"], step.parameter_shapes("tiny"), "cpu", 1)[0].host_syncs
+
+
+def test_accelerator_path_op_count_does_not_grow_with_the_number_of_layers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(update, "BATCHED_DEVICES", frozenset())
+    shapes8, shapes32 = step.parameter_shapes("layers8"), step.parameter_shapes("layers32")
+    (few,) = step.measure(["TVLARS foreach"], shapes8, "cpu", repeats=1)
+    (many,) = step.measure(["TVLARS foreach"], shapes32, "cpu", repeats=1)
+    assert len(shapes32) == 4 * len(shapes8) and few.ops == many.ops
+
+
+def test_op_counter_counts_dispatches() -> None:
+    xs = [torch.ones(3), torch.ones(4)]
+    with step.OpCounter() as counter:
+        torch._foreach_mul_(xs, 2.0)
+        bool(xs[0].sum() > 0)
+    assert counter.ops["aten._foreach_mul_"] == 1
+    assert counter.host_syncs == 1
+
+
+@pytest.mark.parametrize(("name", "tensors"), [("resnet50", 161), ("vit_b_16", 152), ("lm", 51)])
+def test_parameter_sets_have_the_expected_sizes(name: str, tensors: int) -> None:
+    assert len(step.parameter_shapes(name)) == tensors
+
+
+def test_the_command_writes_the_table_and_figure_after_each_set(tmp_path: Path) -> None:
+    step.main(
+        [
+            "--device=cpu",
+            "--sets",
+            "tiny",
+            "layers8",
+            "--optimizers",
+            "SGD foreach",
+            "SGD fused",
+            "TVLARS",
+            "TVLARS compiled",
+            "--repeats=2",
+            f"--out={tmp_path}",
+        ]
+    )
+    text = (tmp_path / "step_cpu.md").read_text()
+    assert "### tiny (5 tensors)" in text and "### layers8 (32 tensors)" in text
+    assert "| TVLARS compiled (compile" in text and "vs SGD fused" in text
+    assert (tmp_path / "step_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
