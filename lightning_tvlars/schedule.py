@@ -281,9 +281,14 @@ class TVLARSScheduler(LRScheduler):
                 )
         if batch_scale != plan.batch_scale or effective_batch_size != plan.effective_batch_size:
             if t > 0 and batch_scale != plan.batch_scale:
+                batch = (
+                    f"effective batch {plan.effective_batch_size} -> {effective_batch_size}, "
+                    if effective_batch_size is not None
+                    else ""
+                )
                 self.changes.append(
-                    f"effective batch {plan.effective_batch_size} -> {effective_batch_size} at "
-                    f"step {t}: learning-rate scale {plan.batch_scale:.6g} -> {batch_scale:.6g}"
+                    f"{batch}learning-rate scale {plan.batch_scale:.6g} -> {batch_scale:.6g} "
+                    f"from step {t}"
                 )
             new = replace(
                 new,
