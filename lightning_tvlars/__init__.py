@@ -17,6 +17,7 @@ from lightning_tvlars.optim import (
 )
 from lightning_tvlars.phase import ConstantPhase, SigmoidPhase
 from lightning_tvlars.schedule import FittedPhase, TVLARSScheduler
+from lightning_tvlars.sharpness import SharpnessReport, measure_sharpness
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ _LIGHTNING_NAMES = (
     "PhaseConfig",
     "RunFacts",
     "ScheduleSync",
+    "SharpnessProbe",
     "TVLARSConfig",
     "TVLARSMixin",
     "TVLARSMonitor",
@@ -37,10 +39,12 @@ __all__ = [
     "ConstantPhase",
     "FittedPhase",
     "GroupOverride",
+    "SharpnessReport",
     "SigmoidPhase",
     "TVLARSScheduler",
     "TVLARSStepStats",
     "__version__",
+    "measure_sharpness",
     "param_groups",
     "trust_ratio",
     *_LIGHTNING_NAMES,

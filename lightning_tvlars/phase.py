@@ -49,7 +49,7 @@ class SigmoidPhase:
         delay: the step at the centre of the decay (any finite number; the authors' code uses -1).
         floor: >= 0, the value phi decays to (``gamma_min`` in the paper).
 
-    Example:
+    Examples:
         >>> phase = SigmoidPhase(alpha=1.0, decay=0.01, delay=500.0)
         >>> round(phase(0), 4), phase(500), round(phase(10_000), 6)
         (0.9933, 0.5, 0.0)

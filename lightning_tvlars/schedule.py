@@ -111,7 +111,7 @@ class TVLARSScheduler(LRScheduler):
     Raises:
         ValueError: a fitted phase or a cosine without a run length, or bad values.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from lightning_tvlars import TVLARS
         >>> opt = TVLARS([torch.nn.Parameter(torch.ones(3))], lr=0.5)

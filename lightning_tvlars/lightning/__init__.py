@@ -6,12 +6,14 @@ from lightning_tvlars.lightning.mixin import TVLARSMixin
 from lightning_tvlars.lightning.monitor import TVLARSMonitor
 from lightning_tvlars.lightning.run import RunFacts
 from lightning_tvlars.lightning.scaling import effective_batch_size, scaled_lr
+from lightning_tvlars.lightning.sharpness import SharpnessProbe
 from lightning_tvlars.lightning.sync import ScheduleSync
 
 __all__ = [
     "PhaseConfig",
     "RunFacts",
     "ScheduleSync",
+    "SharpnessProbe",
     "TVLARSConfig",
     "TVLARSMixin",
     "TVLARSMonitor",

@@ -28,7 +28,7 @@ def tvlars_for_timm(params: Iterable[Tensor] | Iterable[dict[str, Any]], **kwarg
 def register_with_timm(name: str = "tvlars") -> None:
     """Make ``timm.optim.create_optimizer_v2(..., opt=name)`` build TVLARS (idempotent).
 
-    Example:
+    Examples:
         >>> import timm.optim, torch
         >>> from lightning_tvlars.optim.timm_registry import register_with_timm
         >>> register_with_timm()

@@ -135,7 +135,7 @@ class TVLARS(Optimizer):
     to the scaler, whose ``ShardedGradScaler.unscale_`` keeps all ranks' skip decisions and
     scales equal.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from lightning_tvlars import SigmoidPhase, TVLARS, param_groups
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))
