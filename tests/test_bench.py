@@ -576,7 +576,7 @@ def test_quick_benchmark_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert "lightning-tvlars bench --quick" in page
     assert "| 128 | tvlars − lars-warmup | phase instead of warm-up (constant LR) |" in page
     assert "Spearman rho" in page and "Partial results" not in page
-    for figure in ("accuracy.png", "accuracy_sharpness.png", "accuracy_curves.png"):
+    for figure in ("accuracy.png", "accuracy_sharpness.png", "curves.png"):
         assert (tmp_path / figure).stat().st_size > 10_000
     accuracy.main(["--quick", "--out", str(tmp_path)])  # resumed: nothing re-run
     assert len(_csv(tmp_path / "accuracy.csv")) == len(rows)
@@ -646,4 +646,4 @@ def test_gpu_preset_code_path_on_cpu_with_workers_and_without_lightly(tmp_path: 
     assert "done, 1 running" in done.stdout or "done, 0 running" in done.stdout
     page = (out / "accuracy_gpu.md").read_text()
     assert "Barlow Twins (linear-probe test accuracy)" in page
-    assert not (out / "accuracy_gpu_curves.png").exists()  # the curves are a CPU figure
+    assert not (out / "curves.png").exists()  # the curves are a CPU figure

@@ -61,7 +61,7 @@ def environment(device: str, jobs: int) -> str:
 
 
 def plot_curves(preset: Preset, rows: Sequence[dict[str, Any]], out: Path, device: str) -> bool:
-    """``<stem>_curves.png``: learning rate, phase, median trust ratio and effective step of the
+    """``curves.png``: learning rate, phase, median trust ratio and effective step of the
     tuned ``tvlars`` and ``lars-warmup-cosine`` (both TVLARS code) at the largest batch, seed 0
     of the evaluation seeds. ``False`` (nothing written) while they are not tuned."""
     import statistics
@@ -121,7 +121,7 @@ def plot_curves(preset: Preset, rows: Sequence[dict[str, Any]], out: Path, devic
     axes[3].set_yscale("log")
     fig.suptitle(f"MNIST-1D classification, batch {batch_size}, the tuned settings")
     fig.tight_layout()
-    fig.savefig(out / f"{preset.stem}_curves.png", dpi=120)
+    fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
     return True
 

@@ -317,7 +317,8 @@ def plot_accuracy(preset: Preset, all_cells: Sequence[Cell], path: Path) -> None
         ax.set_ylabel("test accuracy (%), mean and 95% CI")
         ax.set_title(TASK_TITLES[task])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -360,7 +361,7 @@ def plot_sharpness(preset: Preset, rows: Sequence[Row], path: Path) -> None:
             ax.set_ylabel("test accuracy (%)")
             ax.set_title(f"{TASK_TITLES[task]}: {when}")
             ax.grid(alpha=0.3)
-            if row_index == 0:
+            if row_index == 0 and ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -431,8 +432,12 @@ def write_report(
         "- Comparisons: Welch's t-test and its 95% confidence interval for each difference, "
         "Holm's correction over every comparison on this page; a **win** or **loss** is a "
         f"Holm-adjusted p < {ALPHA}, otherwise a tie.",
-        f"- Converged: final training accuracy ≥ {preset.converged_train_accuracy:.0%} (for Barlow "
-        "Twins, the linear probe's training accuracy).",
+        "- Converged: final training accuracy ≥ "
+        + ", ".join(
+            f"{preset.converged_train_accuracy[t]:.0%} ({t.replace('_', ' ')})"
+            for t in preset.tasks
+        )
+        + " (for Barlow Twins, the linear probe's training accuracy).",
         f"- Sharpness on a fixed batch of {probe.num_samples} training samples, model in eval "
         "mode: "
         f"top Hessian eigenvalue ({probe.iterations} power iterations at most), Hutchinson "

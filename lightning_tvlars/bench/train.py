@@ -449,7 +449,7 @@ def run(
         "train_accuracy": f"{train_acc:.5f}",
         "val_accuracy": f"{val_acc:.5f}",
         "test_accuracy": f"{test_acc:.5f}",
-        "converged": int(not diverged and train_acc >= preset.converged_train_accuracy),
+        "converged": int(not diverged and train_acc >= preset.converged_train_accuracy[spec.task]),
         "diverged": int(diverged),
         "early_step": early_step,
         **_sharpness_columns("early", early),
