@@ -177,7 +177,11 @@ def _parser() -> argparse.ArgumentParser:
         help="start no run after M minutes, then write the report from what is there",
     )
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads with --jobs 1 (default: torch's)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the runs made in this process (--jobs 1, and the curves); "
+        "workers always use one (default: 1)",
     )
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite the report from the CSV, run nothing"
@@ -206,8 +210,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     device = args.device or preset.device
     jobs = args.jobs or (1 if args.quick else preset.jobs)
     out = args.out or Path("bench-quick" if args.quick else "docs/benchmarks")

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_tvlars.bench.baselines import BaselineConfig, build_baseline
+from lightning_tvlars.bench.baselines import BaselineConfig, baseline_schedule
 from lightning_tvlars.bench.protocol import ARMS, Arm, Preset, RunSpec, setting_value
 from lightning_tvlars.examples.classifier import encoder
 from lightning_tvlars.examples.mnist1d import NUM_CLASSES, generate
@@ -216,7 +216,9 @@ def baseline_config(arm: Arm, spec: RunSpec) -> BaselineConfig:
 def optimizer_for(
     model: nn.Module, spec: RunSpec, steps_per_epoch: int, epochs: int
 ) -> tuple[torch.optim.Optimizer, TVLARSScheduler]:
-    """Optimizer and scheduler, as ``configure_tvlars`` / ``configure_baseline`` make them."""
+    """Optimizer and scheduler, as ``configure_tvlars`` / ``configure_baseline`` make them
+    (the TVLARS branch repeats ``configure_tvlars``'s few lines without a trainer; a test
+    checks both against a Lightning run)."""
     arm = ARMS[spec.arm]
     total = steps_per_epoch * epochs
     facts = RunFacts(
@@ -239,19 +241,7 @@ def optimizer_for(
             final_lr_ratio=config.final_lr_ratio,
         )
         return optimizer, scheduler
-    baseline = baseline_config(arm, spec)
-    groups = build_groups(model, TVLARSConfig(weight_decay=baseline.weight_decay))
-    baseline_optimizer = build_baseline(groups, baseline)
-    scheduler = TVLARSScheduler(
-        baseline_optimizer,
-        total_steps=total,
-        batch_scale=batch_scale(baseline, facts),
-        effective_batch_size=facts.effective_batch_size,
-        lr_schedule=baseline.lr_schedule,
-        final_lr_ratio=baseline.final_lr_ratio,
-        warmup_steps=round(baseline.warmup_fraction * total),
-    )
-    return baseline_optimizer, scheduler
+    return baseline_schedule(model, baseline_config(arm, spec), facts)
 
 
 # ------------------------------------------------------------------------------ evaluation
