@@ -591,10 +591,16 @@ def test_time_budget_stops_launching_and_reports_partial_results(tmp_path: Path)
     assert "Partial results" in (tmp_path / "accuracy.md").read_text()
 
 
-def test_an_old_csv_is_refused(tmp_path: Path) -> None:
+def test_an_old_csv_or_another_presets_rows_are_refused(tmp_path: Path) -> None:
     (tmp_path / "accuracy.csv").write_text("task,optimizer,batch_size\nclassification,x,1\n")
     with pytest.raises(ValueError, match="not this benchmark's"):
         runner.read_rows(tmp_path / "accuracy.csv")
+    path = tmp_path / "other.csv"
+    runner.append_row(
+        path, {**dict.fromkeys(runner.FIELDS, ""), "task": "classification", "epochs": 1}
+    )
+    with pytest.raises(ValueError, match="runs of 1 epochs, not the 60 of preset 'cpu'"):
+        runner.run_protocol(PRESETS["cpu"], path, device="cpu", jobs=1)
 
 
 GPU_QUICK = """

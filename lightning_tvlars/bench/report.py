@@ -93,6 +93,8 @@ class Comparison:
     p_holm: float
     verdict: str
     note: str
+    n_a: int
+    n_b: int
 
 
 def comparisons(preset: Preset, all_cells: Sequence[Cell]) -> list[Comparison]:
@@ -132,6 +134,8 @@ def comparisons(preset: Preset, all_cells: Sequence[Cell]) -> list[Comparison]:
                 p_holm,
                 verdict,
                 "; ".join(notes),
+                w.n_a,
+                w.n_b,
             )
         )
     return out
@@ -186,17 +190,18 @@ def cell_table(preset: Preset, all_cells: Sequence[Cell], task: str) -> list[str
 
 def comparison_table(results: Sequence[Comparison], task: str) -> list[str]:
     lines = [
-        "| batch | a − b | what it measures | difference (points) [95% CI] | p | p (Holm) "
-        "| verdict for a |",
-        "|---:|---|---|---:|---:|---:|---|",
+        "| batch | a − b | what it measures | seeds | difference (points) [95% CI] | p "
+        "| p (Holm) | verdict for a |",
+        "|---:|---|---|---:|---:|---:|---:|---|",
     ]
     for r in (r for r in results if r.task == task):
         verdict = f"**{r.verdict}**" if r.verdict != "tie" else "tie"
         if r.note:
             verdict += f" ({r.note})"
         lines.append(
-            f"| {r.batch_size} | {r.a} − {r.b} | {r.what} | {100 * r.diff:+.2f} "
-            f"[{100 * r.low:+.2f}, {100 * r.high:+.2f}] | {_p(r.p)} | {_p(r.p_holm)} | {verdict} |"
+            f"| {r.batch_size} | {r.a} − {r.b} | {r.what} | {r.n_a} + {r.n_b} "
+            f"| {100 * r.diff:+.2f} [{100 * r.low:+.2f}, {100 * r.high:+.2f}] "
+            f"| {_p(r.p)} | {_p(r.p_holm)} | {verdict} |"
         )
     return lines
 

@@ -160,6 +160,13 @@ def run_protocol(
         raise ValueError(f"jobs={jobs!r} is invalid: expected an int >= 1")
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = read_rows(path)
+    for row in rows:
+        if row["task"] in preset.epochs and int(row["epochs"]) != preset.epochs[row["task"]]:
+            raise ValueError(
+                f"{path} holds {row['task']} runs of {row['epochs']} epochs, not the "
+                f"{preset.epochs[row['task']]} of preset {preset.name!r}: write to another --out "
+                "folder"
+            )
     started = time.monotonic()
     deadline = math.inf if max_minutes is None else started + 60.0 * max_minutes
     failed: dict[tuple[Any, ...], str] = {}
