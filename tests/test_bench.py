@@ -310,6 +310,13 @@ def test_tvlars_evaluation_waits_for_the_paired_warmup_and_probes_at_its_end() -
     ]
 
 
+def test_plan_puts_the_largest_batch_first_across_tasks() -> None:
+    both = ("classification", "barlow_twins")
+    preset = _tiny(tasks=both, batch_sizes=(32, 64), arms=dict.fromkeys(both, ("lars-warmup",)))
+    order = [(s.batch_size, s.task) for s in protocol.plan(preset, [])]
+    assert order[::5] == [(64, both[0]), (64, both[1]), (32, both[0]), (32, both[1])]
+
+
 def test_preset_grids_and_validation() -> None:
     cpu = PRESETS["cpu"]
     assert cpu.seeds == tuple(range(1, 9)) and cpu.tune_seed not in cpu.seeds

@@ -428,51 +428,39 @@ def plan(preset: Preset, rows: Sequence[Mapping[str, Any]]) -> list[RunSpec]:
     Tuning runs of a stage come once the previous stage of their cell is complete;
     evaluation runs once the cell is tuned (and, for TVLARS arms, once the paired warm-up arm
     is, for the early probe's step). Runs already in ``rows`` are left out. The order is the
-    order of priority: task by task, the largest batch first (the question of the benchmark,
-    and the cheapest runs), so that a time budget cuts the least useful runs.
+    order of priority: the largest batch first (the question of the benchmark, and the
+    cheapest runs), then task by task, so that a time budget cuts the least useful runs.
     """
     done = {row_key(r) for r in rows}
     todo: list[RunSpec] = []
-    for task in preset.tasks:
-        for batch_size in sorted(preset.batch_sizes, reverse=True):
+    for batch_size in sorted(preset.batch_sizes, reverse=True):
+        for task in preset.tasks:
             for name in preset.arms[task]:
-                arm = ARMS[name]
-                state = cell_state(preset, task, batch_size, arm, rows)
-                for stage, k, setting in state.todo:
-                    fraction = early_probe(
-                        preset, task, batch_size, arm, setting, rows, tuning=True
-                    )
-                    assert fraction is not None
-                    spec = RunSpec(
-                        task,
-                        name,
-                        batch_size,
-                        preset.tune_seed,
-                        "tune",
-                        stage,
-                        preset.lr(arm, task, k),
-                        setting,
-                        fraction,
-                    )
-                    todo.append(spec)
-                if state.setting is None or state.lr is None:
-                    continue
-                fraction = early_probe(
-                    preset, task, batch_size, arm, state.setting, rows, tuning=False
-                )
-                if fraction is not None:
-                    todo += [
-                        RunSpec(
-                            task,
-                            name,
-                            batch_size,
-                            seed,
-                            "eval",
-                            "eval",
-                            state.lr,
-                            state.setting,
-                            fraction,
-                        )
-                        for seed in preset.seeds
-                    ]
+                todo += _cell_plan(preset, task, batch_size, ARMS[name], rows)
     return [spec for spec in todo if spec.key not in done]
+
+
+def _cell_plan(
+    preset: Preset, task: str, batch_size: int, arm: Arm, rows: Sequence[Mapping[str, Any]]
+) -> list[RunSpec]:
+    """The runs of one cell that its stage allows now (finished ones included)."""
+    state = cell_state(preset, task, batch_size, arm, rows)
+    specs = []
+    for stage, k, setting in state.todo:
+        fraction = early_probe(preset, task, batch_size, arm, setting, rows, tuning=True)
+        assert fraction is not None
+        lr = preset.lr(arm, task, k)
+        specs.append(
+            RunSpec(
+                task, arm.name, batch_size, preset.tune_seed, "tune", stage, lr, setting, fraction
+            )
+        )
+    if state.setting is None or state.lr is None:
+        return specs
+    fraction = early_probe(preset, task, batch_size, arm, state.setting, rows, tuning=False)
+    if fraction is None:  # a TVLARS arm waiting for its paired warm-up arm
+        return specs
+    return specs + [
+        RunSpec(task, arm.name, batch_size, seed, "eval", "eval", state.lr, state.setting, fraction)
+        for seed in preset.seeds
+    ]
