@@ -598,6 +598,17 @@ def test_time_budget_stops_launching_and_reports_partial_results(tmp_path: Path)
     assert "Partial results" in (tmp_path / "accuracy.md").read_text()
 
 
+def test_a_setup_error_stops_after_the_first_failures(tmp_path: Path) -> None:
+    preset = replace(PRESETS["cpu"].quick(), batch_sizes=(10**9,))  # larger than the data
+    lines: list[str] = []
+    rows, failures = runner.run_protocol(
+        preset, tmp_path / "a.csv", device="cpu", jobs=1, log=lines.append
+    )
+    assert rows == [] and len(failures) == 1
+    assert "exceeds the 700 training samples" in failures[0]
+    assert "all failed: no more runs are started" in lines[-1]
+
+
 def test_an_old_csv_or_another_presets_rows_are_refused(tmp_path: Path) -> None:
     (tmp_path / "accuracy.csv").write_text("task,optimizer,batch_size\nclassification,x,1\n")
     with pytest.raises(ValueError, match="not this benchmark's"):

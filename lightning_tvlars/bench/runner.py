@@ -154,7 +154,8 @@ def run_protocol(
 
     Returns:
         All rows of the CSV, and one message per run that raised (such a run is not retried
-        in this call; the others go on).
+        in this call; the others go on, unless the first ``jobs`` runs all fail, which stops
+        the launching of runs: a setup error such as a missing device or data file).
     """
     if jobs < 1:
         raise ValueError(f"jobs={jobs!r} is invalid: expected an int >= 1")
@@ -211,6 +212,9 @@ def run_protocol(
                     broken = broken or isinstance(error, BrokenExecutor)
                     failed[spec.key] = f"{spec}: {type(error).__name__}: {error}"
                     log(f"{stamp} FAILED {failed[spec.key]}")
+                    if not finished_runs and len(failed) >= jobs and not broken:
+                        broken = True  # nothing has worked: a setup error, not a bad run
+                        log(f"the first {len(failed)} run(s) all failed: no more runs are started")
                     continue
                 rows.append(append_row(path, future.result()))
                 finished_runs += 1
