@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from lightning_tvlars.bench.protocol import ARMS, PRESETS, Preset, cell_state
+from lightning_tvlars.bench.protocol import ARMS, PRESETS, TASKS, Preset, cell_state
 
 CURVE_ARMS = ("tvlars", "lars-warmup-cosine")
 
@@ -128,15 +128,13 @@ def plot_curves(preset: Preset, rows: Sequence[dict[str, Any]], out: Path, devic
 
 def prepare_data(preset: Preset) -> Path:
     """Generate (or find) the preset's data set in the cache; return its path."""
-    from lightning_tvlars.examples.mnist1d import cache_path, generate
+    from lightning_tvlars.bench.train import DATA_SEED, dataset
+    from lightning_tvlars.examples.mnist1d import cache_path
 
-    generate(
-        preset.num_samples,
-        seed=42,
-        corr_noise_scale=preset.corr_noise_scale,
-        iid_noise_scale=preset.iid_noise_scale,
+    dataset(preset)
+    return cache_path(
+        preset.num_samples, DATA_SEED, preset.corr_noise_scale, preset.iid_noise_scale
     )
-    return cache_path(preset.num_samples, 42, preset.corr_noise_scale, preset.iid_noise_scale)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,6 +155,13 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="output folder (default: docs/benchmarks, or bench-quick with --quick)",
+    )
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=TASKS,
+        default=None,
+        help="run and report only these of the preset's tasks (default: all of them)",
     )
     parser.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (default: the preset's)"
@@ -204,6 +209,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     preset = PRESETS[args.preset]
     if args.quick:
         preset = preset.quick()
+    if args.tasks:
+        unknown = set(args.tasks) - set(preset.tasks)
+        if unknown:
+            raise SystemExit(f"--tasks {' '.join(sorted(unknown))}: not in preset {preset.name!r}")
+        preset = replace(preset, tasks=tuple(t for t in preset.tasks if t in args.tasks))
     if args.prepare_data:
         path = prepare_data(preset)
         print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB)")

@@ -42,7 +42,8 @@ class Arm:
             :class:`~lightning_tvlars.bench.baselines.BaselineConfig` (``lars``: TVLARS with
             the phase off; ``timm-lamb``; ``lightly-lars``).
         annealing: ``constant`` or ``cosine`` (after the warm-up, if any).
-        lr_center: centre of the learning-rate grid (base rate at batch 256), per task.
+        lr_center: centre of the learning-rate grid (base rate at batch 256), per task, as
+            quarter decades: ``q`` is the rate ``10 ** (q / 4)`` (0: 1.0, -8: 0.01).
         lr_scaling: how the base rate scales with the batch (``linear`` or ``sqrt``).
         axis: the second tuning axis (start settings).
         default: the start setting of the learning-rate search.
@@ -53,7 +54,7 @@ class Arm:
     name: str
     optimizer: str
     annealing: str
-    lr_center: Mapping[str, float]
+    lr_center: Mapping[str, int]
     lr_scaling: str
     axis: tuple[str, ...]
     default: str
@@ -72,7 +73,7 @@ ARMS: dict[str, Arm] = {
             "tvlars",
             "tvlars",
             "constant",
-            {"classification": 1.0, "barlow_twins": 0.5623},
+            {"classification": 0, "barlow_twins": -1},
             "linear",
             PHASES,
             "half=0.3",
@@ -82,7 +83,7 @@ ARMS: dict[str, Arm] = {
             "tvlars-cosine",
             "tvlars",
             "cosine",
-            {"classification": 1.0, "barlow_twins": 0.5623},
+            {"classification": 0, "barlow_twins": -1},
             "linear",
             PHASES,
             "half=0.3",
@@ -92,7 +93,7 @@ ARMS: dict[str, Arm] = {
             "lars-warmup",
             "lars",
             "constant",
-            {"classification": 1.0, "barlow_twins": 0.5623},
+            {"classification": 0, "barlow_twins": -1},
             "linear",
             WARMUPS,
             "warmup=0.2",
@@ -101,7 +102,7 @@ ARMS: dict[str, Arm] = {
             "lars-warmup-cosine",
             "lars",
             "cosine",
-            {"classification": 1.0, "barlow_twins": 0.5623},
+            {"classification": 0, "barlow_twins": -1},
             "linear",
             WARMUPS,
             "warmup=0.2",
@@ -110,7 +111,7 @@ ARMS: dict[str, Arm] = {
             "lamb-warmup-cosine",
             "timm-lamb",
             "cosine",
-            {"classification": 0.01, "barlow_twins": 0.005623},
+            {"classification": -8, "barlow_twins": -9},
             "sqrt",
             WARMUPS,
             "warmup=0.2",
@@ -119,7 +120,7 @@ ARMS: dict[str, Arm] = {
             "lightly-lars-warmup-cosine",
             "lightly-lars",
             "cosine",
-            {"classification": 1.0, "barlow_twins": 0.5623},
+            {"classification": 0, "barlow_twins": -1},
             "linear",
             WARMUPS,
             "warmup=0.2",
@@ -232,8 +233,9 @@ class Preset:
         return tuple(range(first, first + self.eval_seeds))
 
     def lr(self, arm: Arm, task: str, k: int) -> float:
-        """Grid point ``k`` (0 = the centre): ``centre * 10 ** (k / 4)``, 4 significant digits."""
-        return float(f"{arm.lr_center[task] * 10 ** (k / 4):.4g}")
+        """Grid point ``k`` (0 = the centre): ``10 ** ((centre + k) / 4)``, 4 significant
+        digits (0.3162, 0.5623, 1, 1.778, 3.162, ...)."""
+        return float(f"{10 ** ((arm.lr_center[task] + k) / 4):.4g}")
 
     def quick(self) -> Preset:
         """The same protocol on a tiny size, to check the pipeline end to end (CI)."""

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -50,6 +51,19 @@ SHARPNESS_FIELDS = ("loss", "top_eigenvalue", "trace", "filter_normalized")
 # ------------------------------------------------------------------------------ data
 
 
+DATA_SEED = 42  # MNIST1DDataModule's default
+
+
+def dataset(preset: Preset) -> dict[str, np.ndarray]:
+    """The preset's MNIST-1D arrays (:func:`~lightning_tvlars.examples.mnist1d.generate`)."""
+    return generate(
+        preset.num_samples,
+        seed=DATA_SEED,
+        corr_noise_scale=preset.corr_noise_scale,
+        iid_noise_scale=preset.iid_noise_scale,
+    )
+
+
 @dataclass
 class DeviceData:
     """MNIST-1D splits as tensors on one device (``x``: ``(n, 1, 40)`` float, ``y``: long)."""
@@ -64,12 +78,7 @@ class DeviceData:
     @classmethod
     def load(cls, preset: Preset, device: torch.device | str) -> DeviceData:
         """The preset's data set (from the cache, generated if missing) on ``device``."""
-        data = generate(
-            preset.num_samples,
-            seed=42,
-            corr_noise_scale=preset.corr_noise_scale,
-            iid_noise_scale=preset.iid_noise_scale,
-        )
+        data = dataset(preset)
         x = torch.from_numpy(data["x"]).unsqueeze(1)
         y = torch.from_numpy(data["y"])
         val = preset.val_size
