@@ -559,6 +559,41 @@ def test_comparisons_call_a_win_only_when_holm_adjusted_p_is_small() -> None:
     assert results[("tvlars", "lars-warmup-cosine")].verdict == "tie"
 
 
+def test_correlations_within_a_cell_and_across_cells() -> None:
+    preset = _tiny(arms={"classification": ("tvlars", "lars-warmup")})
+    rows = []
+    for arm, offset in (("tvlars", 0.0), ("lars-warmup", 0.5)):
+        for i, r in enumerate(_eval_rows(arm, [0.80, 0.85, 0.90, 0.95])):
+            sharp = str(1.0 - (0.80 + 0.05 * i) + offset)  # sharper, worse; lars sharper
+            rows.append(
+                {
+                    **r,
+                    "end_filter_normalized": sharp,
+                    "end_top_eigenvalue": "nan",
+                    "early_filter_normalized": sharp,
+                }
+            )
+    state = protocol.CellState(1.0, "x", (0,), ())
+    cells = [
+        report.Cell(
+            "classification",
+            64,
+            arm,
+            replace(state, setting=ARMS[arm].default),
+            tuple(r for r in rows if r["arm"] == arm),
+        )
+        for arm in ("tvlars", "lars-warmup")
+    ]
+    result = dict(report.correlations(preset, rows, cells, "classification"))
+    rho, p, n = result["within tvlars, batch 64"][0]
+    assert (rho, n) == (-1.0, 4) and p == 0.0
+    assert math.isnan(result["within tvlars, batch 64"][1][0])  # no finite eigenvalues
+    across = result["across optimizers and batch sizes (one point per cell)"]
+    assert across[0][2] == 2 and math.isnan(across[0][0])  # two cells: too few for a rank test
+    table = "\n".join(report.correlation_table(list(result.items())))
+    assert "| within tvlars, batch 64 | 4 | -1.00 | <1e-4 | n/a | n/a |" in table
+
+
 # ------------------------------------------------------------------------------ end to end
 
 
@@ -582,7 +617,7 @@ def test_quick_benchmark_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     page = (tmp_path / "accuracy.md").read_text()
     assert "lightning-tvlars bench --quick" in page
     assert "| 128 | tvlars − lars-warmup | phase instead of warm-up (constant LR) |" in page
-    assert "Spearman rho" in page and "Partial results" not in page
+    assert "Spearman's rho with test accuracy" in page and "Partial results" not in page
     for figure in ("accuracy.png", "accuracy_sharpness.png", "curves.png"):
         assert (tmp_path / figure).stat().st_size > 10_000
     accuracy.main(["--quick", "--out", str(tmp_path)])  # resumed: nothing re-run

@@ -223,33 +223,59 @@ def sharpness_table(all_cells: Sequence[Cell], task: str) -> list[str]:
     return lines
 
 
+#: Sharpness columns correlated with test accuracy, and their headings.
+CORRELATED = {
+    "end_filter_normalized": "end, filter-normalized",
+    "end_top_eigenvalue": "end, top eigenvalue",
+    "early_filter_normalized": "end of warm-up, filter-normalized",
+}
+
+
 def correlations(
     preset: Preset, rows: Sequence[Row], all_cells: Sequence[Cell], task: str
-) -> list[tuple[str, str, float, float, int]]:
-    """Spearman's rho between sharpness and test accuracy: within each arm (all its runs, tuning
-    included, every batch size) and across arms (cell medians / means of evaluation runs)."""
+) -> list[tuple[str, list[tuple[float, float, int]]]]:
+    """Spearman's rho (with p and n) between each :data:`CORRELATED` sharpness and test
+    accuracy: within each optimizer, over every run of a cell (its tuning runs, which vary the
+    learning rate and the start, and its evaluation seeds), and across optimizers, over the
+    cells' medians (sharpness) and means (accuracy) of their evaluation runs."""
     out = []
-    measures = ("end_filter_normalized", "end_top_eigenvalue", "early_filter_normalized")
-    for measure in measures:
+    for batch_size in preset.batch_sizes:
         for arm in preset.arms[task]:
-            mine = [r for r in rows if r["task"] == task and r["arm"] == arm]
-            rho, p, n = spearman(
-                [_float(r[measure]) for r in mine], [_float(r["test_accuracy"]) for r in mine]
+            mine = [
+                r
+                for r in rows
+                if (r["task"], r["arm"], int(r["batch_size"])) == (task, arm, batch_size)
+            ]
+            accuracy = [_float(r["test_accuracy"]) for r in mine]
+            out.append(
+                (
+                    f"within {arm}, batch {batch_size}",
+                    [spearman([_float(r[m]) for r in mine], accuracy) for m in CORRELATED],
+                )
             )
-            out.append((measure, f"within {arm}", rho, p, n))
-        evaluated = [c for c in all_cells if c.task == task and c.runs]
-        rho, p, n = spearman(
-            [c.median(measure) for c in evaluated], [c.mean("test_accuracy") for c in evaluated]
+    evaluated = [c for c in all_cells if c.task == task and c.runs]
+    accuracy = [c.mean("test_accuracy") for c in evaluated]
+    out.append(
+        (
+            "across optimizers and batch sizes (one point per cell)",
+            [spearman([c.median(m) for c in evaluated], accuracy) for m in CORRELATED],
         )
-        out.append((measure, "across cells (arm x batch)", rho, p, n))
+    )
     return out
 
 
-def correlation_table(items: Sequence[tuple[str, str, float, float, int]]) -> list[str]:
-    lines = ["| sharpness measure | over | Spearman rho | p | n |", "|---|---|---:|---:|---:|"]
-    for measure, over, rho, p, n in items:
-        rho_text = "n/a" if not math.isfinite(rho) else f"{rho:+.2f}"
-        lines.append(f"| {measure} | {over} | {rho_text} | {_p(p)} | {n} |")
+def correlation_table(items: Sequence[tuple[str, list[tuple[float, float, int]]]]) -> list[str]:
+    heads = " | ".join(f"rho ({name}) | p" for name in CORRELATED.values())
+    lines = [
+        f"| Spearman's rho with test accuracy, over | n | {heads} |",
+        "|---|---:|" + "---:|---:|" * len(CORRELATED),
+    ]
+    for over, results in items:
+        cells = " | ".join(
+            f"{'n/a' if not math.isfinite(rho) else f'{rho:+.2f}'} | {_p(p)}"
+            for rho, p, _ in results
+        )
+        lines.append(f"| {over} | {max(n for _, _, n in results)} | {cells} |")
     return lines
 
 
