@@ -143,7 +143,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Accuracy of TVLARS (no warm-up) vs LARS and LAMB with warm-up on MNIST-1D: "
         "equal tuning, fresh evaluation seeds, Welch tests with Holm's correction, sharpness.",
     )
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="(default: cpu)")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="cpu: classification at batch 1024 and 4096, 2 workers, about 2-2.5 h on 2 cores; "
+        "gpu: batch 4096-16384 and Barlow Twins on one GPU, 12 workers (default: cpu)",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
