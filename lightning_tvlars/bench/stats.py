@@ -19,7 +19,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Welch", "holm", "spearman", "t_quantile", "t_sf", "welch"]
+__all__ = ["Welch", "betainc", "holm", "spearman", "t_quantile", "t_sf", "welch"]
 
 _EPS = 1e-15
 _TINY = 1e-300

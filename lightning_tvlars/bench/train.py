@@ -324,13 +324,9 @@ def _probe(
     )
 
 
-def _sharpness_columns(prefix: str, report: SharpnessReport | None) -> dict[str, Any]:
-    values = {
-        "loss": None if report is None else report.loss,
-        "top_eigenvalue": None if report is None else report.top_eigenvalue,
-        "trace": None if report is None else report.trace,
-        "filter_normalized": None if report is None else report.filter_normalized,
-    }
+def _sharpness_columns(prefix: str, report: SharpnessReport | None) -> dict[str, str]:
+    """``{prefix}_{measure}`` CSV cells of :data:`SHARPNESS_FIELDS` (empty when not measured)."""
+    values = {name: getattr(report, name, None) for name in SHARPNESS_FIELDS}
     return {
         f"{prefix}_{name}": "" if value is None else f"{value:.6g}"
         for name, value in values.items()
