@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from torch.optim import Optimizer
 
 from lightning_tvlars._validation import (
@@ -113,13 +114,11 @@ def build_baseline(groups: list[dict[str, Any]], config: BaselineConfig) -> Opti
     )
 
 
-def configure_baseline(
-    module: pl.LightningModule, config: BaselineConfig, *, batch_size: int | None = None
-) -> dict[str, Any]:
-    """Like :func:`~lightning_tvlars.configure_tvlars`, for a warm-up baseline."""
-    trainer = attached_trainer(module)
-    check_strategy(trainer)
-    facts = RunFacts.from_trainer(trainer, batch_size)
+def baseline_schedule(
+    module: nn.Module, config: BaselineConfig, facts: RunFacts
+) -> tuple[Optimizer, TVLARSScheduler]:
+    """The baseline optimizer on ``module``'s TVLARS parameter groups and its schedule (linear
+    warm-up over ``warmup_fraction`` of ``facts.total_steps``, then ``lr_schedule``)."""
     groups = build_groups(module, TVLARSConfig(weight_decay=config.weight_decay))
     optimizer = build_baseline(groups, config)
     total = facts.total_steps
@@ -131,6 +130,18 @@ def configure_baseline(
         lr_schedule=config.lr_schedule,
         final_lr_ratio=config.final_lr_ratio,
         warmup_steps=round(config.warmup_fraction * total) if total else 0,
+    )
+    return optimizer, scheduler
+
+
+def configure_baseline(
+    module: pl.LightningModule, config: BaselineConfig, *, batch_size: int | None = None
+) -> dict[str, Any]:
+    """Like :func:`~lightning_tvlars.configure_tvlars`, for a warm-up baseline."""
+    trainer = attached_trainer(module)
+    check_strategy(trainer)
+    optimizer, scheduler = baseline_schedule(
+        module, config, RunFacts.from_trainer(trainer, batch_size)
     )
     ScheduleSync.register(trainer, scheduler, config, batch_size)
     rank_zero_info(

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The accuracy benchmark's GPU preset as one command, from the root of a copy of the repository
+# (not installed). The data set comes from the cache folder (generate it first, where mnist1d is
+# installed: LIGHTNING_TVLARS_CACHE=.cache/data lightning-tvlars bench --preset gpu --prepare-data)
+# and the results go to $OUT (default bench-gpu): accuracy_gpu.csv/.md/.png/_sharpness.png and
+# the log. MAX_MINUTES (default 5): no run starts after it; the report is written either way.
+set -euo pipefail
+out=${OUT:-bench-gpu}
+mkdir -p "$out"
+export LIGHTNING_TVLARS_CACHE=${LIGHTNING_TVLARS_CACHE:-.cache/data} MPLBACKEND=Agg
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+ls -l "$LIGHTNING_TVLARS_CACHE"/mnist1d-150000-seed42-corr0.25-iid0.06.npz
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader || true
+python -c "import torch, lightning, timm; print('torch', torch.__version__, 'lightning', \
+lightning.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
+python -m lightning_tvlars.bench --preset gpu --max-minutes "${MAX_MINUTES:-5}" --out "$out" \
+    "$@" 2>&1 | tee "$out/accuracy_gpu.log"
