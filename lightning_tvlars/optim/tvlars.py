@@ -184,7 +184,8 @@ class TVLARS(Optimizer):
         # but drops attribute stores on it.
         self._last: dict[str, StepRecord] = {}
         self._fsdp1_groups: ShardGroups = {}
-        self._plan: tuple[tuple[int, ...], ReductionPlan] | None = None
+        # (parameter ids, plan), in a dict for the same reason as _last
+        self._plans: dict[tuple[int, ...], ReductionPlan] = {}
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -272,7 +273,7 @@ class TVLARS(Optimizer):
         self._layouts = Layouts()
         self._last = {}
         self._fsdp1_groups = {}
-        self._plan = None
+        self._plans = {}
         for group in self.param_groups:
             group.setdefault("step", 0)
             group.setdefault("foreach", None)
@@ -286,13 +287,14 @@ class TVLARS(Optimizer):
         ``FSDPStrategy``. FSDP2 (DTensor) and DDP need nothing.
         """
         self._fsdp1_groups = fsdp1_shard_groups(model)
-        self._plan = None
+        self._plans.clear()
 
     def _reduction_plan(self, params: list[Tensor]) -> ReductionPlan:
         key = tuple(id(p) for p in params)
-        if self._plan is None or self._plan[0] != key:
-            self._plan = (key, ReductionPlan.build(params, self._fsdp1_groups))
-        return self._plan[1]
+        if key not in self._plans:
+            self._plans.clear()  # one parameter set at a time: no growth
+            self._plans[key] = ReductionPlan.build(params, self._fsdp1_groups)
+        return self._plans[key]
 
     def full_norms(self, params: list[Tensor], tensors: list[Tensor]) -> Tensor:
         """Norms of full tensors given per-parameter tensors (e.g. gradients) of ``params``.
