@@ -9,6 +9,16 @@ from __future__ import annotations
 
 import functools
 import importlib
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    import lightning.pytorch
+    import pytorch_lightning
+
+    #: A LightningModule of either package (for annotations).
+    AnyLightningModule: TypeAlias = (
+        lightning.pytorch.LightningModule | pytorch_lightning.LightningModule
+    )
 
 PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 
