@@ -108,13 +108,18 @@ class BarlowTwins1D(TVLARSMixin, pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.encoder(x)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, _ = batch
+    def _loss(self, x: Tensor) -> Tensor:
         z0 = self.projection_head(self.encoder(augment(x)))
         z1 = self.projection_head(self.encoder(augment(x)))
-        loss = self.criterion(z0, z1)
+        return self.criterion(z0, z1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._loss(batch[0])
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("val/loss", self._loss(batch[0]), prog_bar=True)
 
     @torch.no_grad()
     def features(self, loader: DataLoader) -> tuple[Tensor, Tensor]:

@@ -86,6 +86,8 @@ class TVLARSMonitor(pl.Callback):
         self.warn_trust_ratio = warn_trust_ratio
         self.prog_bar = prog_bar
         self._last_step: dict[int, int] = {}
+        #: Logging steps of the current fit at which the loggers received metrics.
+        self.logged_steps = 0
         self._warned = False
         self._names: dict[int, str] = {}
 
@@ -108,6 +110,7 @@ class TVLARSMonitor(pl.Callback):
             )
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
         self._last_step = {}
+        self.logged_steps = 0
 
     @staticmethod
     def _optimizers(trainer: pl.Trainer) -> list[TVLARS]:
@@ -151,6 +154,8 @@ class TVLARSMonitor(pl.Callback):
             )
             if log:
                 self._log(trainer, optimizer, prefix, batch, step)
+                if index == 0:
+                    self.logged_steps += 1
 
     def _log(
         self, trainer: pl.Trainer, optimizer: TVLARS, prefix: str, batch: int | None, step: int
