@@ -139,7 +139,9 @@ def test_cli_fit_trains_with_tvlars_and_the_monitor(tmp_path: Path) -> None:
     assert accuracy[-1] > 0.3  # 10 classes: well above chance after 3 short epochs
 
 
-@pytest.mark.parametrize("name", ["tvlars_mnist1d.yaml", "lars_cosine_mnist1d.yaml"])
+@pytest.mark.parametrize(
+    "name", ["tvlars_mnist1d.yaml", "lars_cosine_mnist1d.yaml", "barlow_twins_mnist1d.yaml"]
+)
 def test_example_configs_parse(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     path = Path(__file__).parent.parent / "configs" / name
     config = _print_config([f"--config={path}"], capsys)
