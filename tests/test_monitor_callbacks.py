@@ -156,3 +156,41 @@ def test_tvlars_metrics_without_lightning_match_the_monitor_names() -> None:
     )
     assert float(on_device["tvlars_1/effective_batch_size"]) == 64
     assert not math.isnan(float(on_device["tvlars_1/phase"]))
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("free_port")
+def test_early_stopping_on_a_tvlars_metric_under_ddp_sees_it_on_every_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # EarlyStopping runs on every rank (strict: a missing metric raises there) and the ranks
+    # must agree on stopping: the callback metrics are set on every rank, not only rank zero.
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_tvlars import FittedPhase
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    stop = EarlyStopping(
+        monitor="tvlars/phase",
+        mode="min",
+        stopping_threshold=0.5,
+        check_on_train_epoch_end=True,
+        patience=100,
+    )
+    trainer = _trainer(
+        tmp_path,
+        devices=2,
+        strategy=DDPStrategy(
+            start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=60)
+        ),
+        max_epochs=6,
+        callbacks=[TVLARSMonitor(), stop],
+    )
+    trainer.fit(TinyRegressor(batch_size=32))  # 256 samples / (2 x 32): 4 steps per epoch
+    # 24 steps planned, halfway at 12: below 0.5 first at the end of epoch 3 (steps 12..15)
+    expected = FittedPhase().fit(24)(15)
+    assert float(trainer.callback_metrics["tvlars/phase"]) == pytest.approx(expected, rel=1e-5)
+    assert float(trainer.callback_metrics["tvlars/effective_batch_size"]) == 64
