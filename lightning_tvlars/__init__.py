@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from lightning_tvlars.metrics import tvlars_metrics
 from lightning_tvlars.optim import (
     TVLARS,
     GroupOverride,
@@ -47,6 +48,7 @@ __all__ = [
     "measure_sharpness",
     "param_groups",
     "trust_ratio",
+    "tvlars_metrics",
     *_LIGHTNING_NAMES,
 ]
 

@@ -1,17 +1,22 @@
-"""The lightning-tvlars command: flags, YAML round trip, a real fit."""
+"""The lightning-tvlars command: flags, help, YAML round trip, errors, model choice, a real fit."""
 
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from lightning_tvlars import TVLARS
+from lightning_tvlars.cli.fit import TVLARSCLI, fit_main
+from lightning_tvlars.cli.main import EXTRA_COMMANDS, main
+from lightning_tvlars.examples.barlow_twins import BarlowTwins1D
 from lightning_tvlars.examples.classifier import MNIST1DClassifier
 from lightning_tvlars.examples.mnist1d import MNIST1DDataModule
-from lightning_tvlars.lightning.cli import TVLARSCLI, main
 
 SMALL = ["--data.num_samples=4000", "--data.val_size=400", "--model.width=16", "--model.blocks=1"]
 
@@ -39,7 +44,8 @@ def test_every_tvlars_option_is_a_flag_and_yaml_round_trips(
         ],
         capsys,
     )
-    tvlars = config["model"]["tvlars"]
+    assert config["model"]["class_path"].endswith(".MNIST1DClassifier")  # the default model
+    tvlars = config["model"]["init_args"]["tvlars"]
     assert tvlars["lr"] == 0.7 and tvlars["lr_scaling"] == "sqrt"
     assert tvlars["phase"]["delay"] == 2 and tvlars["phase"]["delay_unit"] == "epochs"
     assert set(tvlars) >= {
@@ -59,11 +65,51 @@ def test_every_tvlars_option_is_a_flag_and_yaml_round_trips(
     assert _print_config([f"--config={path}"], capsys) == config
 
 
-def test_bad_flag_value_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        (
+            "--model.tvlars.lr_scaling=cubic",
+            "--model.tvlars.lr_scaling=cubic is invalid: expected one of 'linear', 'sqrt', 'none'",
+        ),
+        ("--model.tvlars.lr=abc", "--model.tvlars.lr=abc is invalid: expected a number"),
+        ("--model.tvlars.lr=-1", "--model.tvlars.lr=-1.0 is invalid: expected a finite number > 0"),
+        (
+            "--model.tvlars.phase.half_at=1.5",
+            "--model.tvlars.phase.half_at=1.5 is invalid: expected a number in [0, 1)",
+        ),
+        (
+            "--model.tvlars.phase.decay=0.1",
+            "--model.tvlars.phase.decay=0.1 has no effect with phase.mode='fitted': remove it "
+            "or change that choice",
+        ),
+        (
+            '--model.tvlars.overrides=[{"match": "head.*", "lr_scale": -2}]',
+            "--model.tvlars.overrides[0].lr_scale=-2.0 is invalid: expected a finite number > 0",
+        ),
+        (
+            '--model.tvlars.overrides=[{"match": "heda.*", "lr_scale": 0.5}]',
+            "--model.tvlars: override match pattern 'heda.*' matches no trainable parameter; "
+            "names look like ['encoder.0.weight', 'encoder.1.weight', 'encoder.1.bias']",
+        ),
+        (
+            "--trainer.max_epochs=x",
+            "--trainer.max_epochs=x is invalid: expected an integer or null",
+        ),
+        (
+            "--model=Nope",
+            "--model=Nope is invalid: expected one of MNIST1DClassifier, BarlowTwins1D, GAN1D or "
+            "the import path of a LightningModule",
+        ),
+    ],
+)
+def test_a_bad_value_is_one_line_naming_the_flag_the_value_and_what_is_allowed(
+    flag: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--model.tvlars.lr_scaling=cubic"])
-    assert exit_info.value.code != 0
-    assert "lr_scaling" in capsys.readouterr().err
+        fit_main(["fit", flag])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"lightning-tvlars fit: error: {message}\n"
 
 
 def test_cli_fit_trains_with_tvlars_and_the_monitor(tmp_path: Path) -> None:
@@ -93,11 +139,13 @@ def test_cli_fit_trains_with_tvlars_and_the_monitor(tmp_path: Path) -> None:
     assert accuracy[-1] > 0.3  # 10 classes: well above chance after 3 short epochs
 
 
-@pytest.mark.parametrize("name", ["tvlars_mnist1d.yaml", "lars_cosine_mnist1d.yaml"])
+@pytest.mark.parametrize(
+    "name", ["tvlars_mnist1d.yaml", "lars_cosine_mnist1d.yaml", "barlow_twins_mnist1d.yaml"]
+)
 def test_example_configs_parse(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     path = Path(__file__).parent.parent / "configs" / name
     config = _print_config([f"--config={path}"], capsys)
-    assert config["model"]["tvlars"]["phase"]["mode"] in ("fitted", "off")
+    assert config["model"]["init_args"]["tvlars"]["phase"]["mode"] in ("fitted", "off")
 
 
 def test_a_users_module_gets_the_flags_from_a_plain_lightning_cli(tmp_path: Path) -> None:
@@ -124,3 +172,158 @@ def test_a_users_module_gets_the_flags_from_a_plain_lightning_cli(tmp_path: Path
     assert isinstance(optimizer, TVLARS) and optimizer.step_count == 2
     assert len(optimizer.param_groups) == 2  # the mixin's groups, not model.parameters()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * (64 / 256) ** 0.5)
+
+
+def test_fit_help_shows_every_tvlars_field_with_its_help(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # help text is wrapped
+    for flag, words in {
+        "--model.tvlars.lr LR": "base learning rate at ``base_batch_size``",
+        "--model.tvlars.momentum MOMENTUM": "heavy-ball momentum in [0, 1)",
+        "--model.tvlars.trust_coefficient TRUST_COEFFICIENT": "``eta`` > 0 of the trust ratio",
+        "--model.tvlars.phase.decay DECAY": "explicit: the steepness",
+        "--model.tvlars.overrides [ITEM,...]": "per-pattern ``lr_scale``",
+        "--monitor.prog_bar {true,false}": "progress bar",
+    }.items():
+        assert flag in out and words in out, flag
+    assert "--model chooses another: BarlowTwins1D, GAN1D" in out
+
+
+def test_print_config_prints_the_whole_tvlars_block(capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import fields
+
+    from lightning_tvlars import PhaseConfig, TVLARSConfig
+
+    tvlars = _print_config([], capsys)["model"]["init_args"]["tvlars"]
+    assert list(tvlars) == [f.name for f in fields(TVLARSConfig)]
+    assert list(tvlars["phase"]) == [f.name for f in fields(PhaseConfig)]
+    assert tvlars["norm_clip"] is None and tvlars["overrides"] == []
+
+
+@pytest.mark.parametrize("args", [["--help"], []])
+def test_top_level_help_lists_every_command(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "fit" in out and "BarlowTwins1D" in out
+    for command in ("bench", "bench-step", "bench-monitor", "plot"):
+        assert f"\n  {command} " in out, command
+    assert set(EXTRA_COMMANDS) == {"bench", "bench-step", "bench-monitor", "plot"}
+
+
+def test_model_choice_trains_barlow_twins_with_yaml_overrides(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "barlow.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "class_path": "BarlowTwins1D",
+                    "init_args": {
+                        "width": 8,
+                        "projection_dim": 32,
+                        "tvlars": {
+                            "overrides": [
+                                {"match": ["projection_head.*"], "lr_scale": 0.5},
+                                {"match": "projection_head.layers.6.*", "adapt": False},
+                            ]
+                        },
+                    },
+                }
+            }
+        )
+    )
+    cli = fit_main(
+        [
+            "fit",
+            f"--config={config}",
+            "--data.num_samples=2000",
+            "--data.val_size=200",
+            "--data.batch_size=128",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger=CSVLogger",
+            "--trainer.logger.save_dir=.",
+        ]
+    )
+    assert isinstance(cli.model, BarlowTwins1D)
+    (optimizer,) = cli.trainer.optimizers
+    assert isinstance(optimizer, TVLARS) and optimizer.step_count == 2
+    by_name = {n: g for g in optimizer.param_groups for n in g["param_names"]}
+    assert by_name["projection_head.layers.0.weight"]["lr_scale"] == 0.5
+    assert by_name["projection_head.layers.0.weight"]["adapt"] is True
+    assert by_name["projection_head.layers.6.weight"]["adapt"] is False
+    assert "lr_scale" not in by_name["encoder.0.weight"]
+    base = 128 / 256
+    assert by_name["encoder.0.weight"]["lr"] == pytest.approx(base)
+    assert by_name["projection_head.layers.0.weight"]["lr"] == pytest.approx(0.5 * base)
+    out = capsys.readouterr().out.splitlines()
+    assert out[-4:] == [
+        "Logs (CSV): lightning_logs/version_0",
+        "Checkpoints: lightning_logs/version_0/checkpoints (best: epoch=0-step=2.ckpt)",
+        "Look at the run:",
+        "  lightning-tvlars plot lightning_logs/version_0",
+    ]
+
+
+def test_the_old_import_path_still_works() -> None:
+    from lightning_tvlars.lightning import cli
+
+    assert cli.TVLARSCLI is TVLARSCLI and cli.main is main
+
+
+def test_first_run_is_quiet_and_ends_with_where_the_results_are(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "lightning_tvlars.cli"]
+    run = subprocess.run(
+        [
+            *command,
+            "fit",
+            "--data.num_samples=2000",
+            "--data.val_size=200",
+            "--data.batch_size=256",
+            "--model.width=8",
+            "--model.blocks=1",
+            "--trainer.max_steps=4",
+            "--trainer.log_every_n_steps=2",
+            "--trainer.enable_progress_bar=false",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    output = run.stdout + run.stderr
+    for noise in ("💡 Tip", "LeafSpec", "tensorboardX"):
+        assert noise not in output, noise
+    assert run.stdout.strip().splitlines()[-4:] == [
+        "Checkpoints: lightning_logs/version_0/checkpoints (best: epoch=0-step=4.ckpt)",
+        "Look at the run:",
+        "  lightning-tvlars plot lightning_logs/version_0",
+        "  tensorboard --logdir lightning_logs",
+    ]
+    plot = subprocess.run(
+        [*command, "plot", "lightning_logs/version_0", "--dpi", "40"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert plot.returncode == 0, plot.stderr[-3000:]
+    png = tmp_path / plot.stdout.strip()
+    assert png.name == "tvlars.png" and png.read_bytes()[:4] == b"\x89PNG"

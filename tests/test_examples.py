@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lightning_tvlars.examples import plain_pytorch
 
@@ -87,3 +88,108 @@ def test_barlow_twins_learns_features_better_than_chance(tmp_path) -> None:
     bank = DataLoader(data.splits["train"], batch_size=1024)
     accuracy = model.knn_accuracy(bank, data.test_dataloader())
     assert 0.2 < accuracy <= 1.0  # 10 classes: chance is 0.1
+
+
+def test_gan_example_trains_each_network_with_its_own_tvlars(tmp_path) -> None:
+    import csv
+    from pathlib import Path
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_tvlars import TVLARS, TVLARSMonitor, TVLARSScheduler
+    from lightning_tvlars.examples.gan import GAN1D
+    from lightning_tvlars.examples.mnist1d import MNIST1DDataModule
+
+    pl.seed_everything(0)
+    model = GAN1D()
+    data = MNIST1DDataModule(batch_size=128, num_samples=2000, val_size=200)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=20,  # Lightning counts both optimizers' steps: 10 each
+        limit_val_batches=0,
+        log_every_n_steps=2,
+        logger=CSVLogger(tmp_path),
+        callbacks=[TVLARSMonitor()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, data)
+    g_opt, d_opt = trainer.optimizers
+    assert isinstance(g_opt, TVLARS) and isinstance(d_opt, TVLARS)
+    for optimizer, network in ((g_opt, model.generator), (d_opt, model.discriminator)):
+        assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
+            id(p) for p in network.parameters()
+        }
+        assert optimizer.step_count == 10
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * 128 / 256)
+    plans = [c.scheduler.plan for c in trainer.lr_scheduler_configs]
+    assert all(isinstance(c.scheduler, TVLARSScheduler) for c in trainer.lr_scheduler_configs)
+    assert [p.total_steps for p in plans] == [10, 10]
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("tvlars/phase") for r in rows) and any(r.get("tvlars_1/phase") for r in rows)
+    assert "tvlars/trust_ratio/0.weight" in rows[0] and "tvlars_1/trust_ratio/2.weight" in rows[0]
+    assert model(torch.randn(4, 16)).shape == (4, 1, 40)
+
+
+def test_lightly_recipe_groups_and_training_under_pytorch_lightning(tmp_path) -> None:
+    import pytorch_lightning
+    from pytorch_lightning.loggers import CSVLogger
+    from torch import nn
+
+    from lightning_tvlars import TVLARS, TVLARSMonitor
+    from lightning_tvlars.examples.barlow_twins import LightlyBarlowTwins1D
+    from lightning_tvlars.examples.mnist1d import MNIST1DDataModule
+
+    pytorch_lightning.seed_everything(0)
+    data = MNIST1DDataModule(batch_size=128, num_samples=2000, val_size=200)
+    data.prepare_data()
+    data.setup()
+    model = LightlyBarlowTwins1D()
+    trainer = pytorch_lightning.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        val_check_interval=3,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        logger=CSVLogger(tmp_path),
+        callbacks=[TVLARSMonitor()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, data.train_dataloader(), data.val_dataloader())
+    (optimizer,) = trainer.optimizers
+    assert isinstance(optimizer, TVLARS) and optimizer.step_count == 3
+    # What the recipe intends, from the module itself: classifier / biases and norms / weights.
+    norms = {
+        f"{m}.{p}" if m else p
+        for m, module in model.named_modules()
+        for p, _ in module.named_parameters(recurse=False)
+        if isinstance(module, nn.modules.batchnorm._NormBase) or p == "bias"
+    }
+    classifier = {n for n, _ in model.named_parameters() if n.startswith("online_classifier.")}
+    weights = {n for n, _ in model.named_parameters()} - norms - classifier
+    assert classifier == {
+        "online_classifier.classification_head.weight",
+        "online_classifier.classification_head.bias",
+    }
+    assert "projection_head.layers.6.bias" in norms and "encoder.1.weight" in norms
+    base = 0.2 * 128 / 256  # lightly: 0.2 x B / 256
+    expected = {
+        "weights": (weights, True, 1.5e-6, base),
+        "biases and norms": (norms - classifier, False, 0.0, 0.0048 * 128 / 256),
+        "online classifier": (classifier, False, 0.0, base),
+    }
+    for what, (names, adapt, decay, lr) in expected.items():
+        groups = [g for g in optimizer.param_groups if set(g["param_names"]) & names]
+        assert {n for g in groups for n in g["param_names"]} == names, what
+        for group in groups:
+            assert (group["adapt"], group["weight_decay"]) == (adapt, decay), what
+            assert group["lr"] == pytest.approx(lr), what
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and "val_online_cls_top1" in metrics
+    assert float(metrics["tvlars/lr"]) == pytest.approx(base)

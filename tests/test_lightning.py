@@ -188,11 +188,15 @@ def test_monitor_logs_phase_lr_batch_and_per_layer_metrics(tmp_path: Path) -> No
         callbacks=[TVLARSMonitor(name_filter=r"net\.0")],
     )
     trainer.fit(model)
-    rows = [r for r in _metrics(logger.log_dir) if r.get("tvlars/phase")]
-    assert [int(r["step"]) for r in rows] == [1, 5, 9, 13]  # after optimizer steps 0, 4, 8, 12
+    logged = _metrics(logger.log_dir)
+    rows = [r for r in logged if r.get("tvlars/phase")]
+    # Lightning's own logging steps and step numbers: those of train/loss (optimizer step t is
+    # logged at step t, when (t + 1) % 4 == 0)
+    assert [int(r["step"]) for r in rows] == [3, 7, 11, 15]
+    assert [int(r["step"]) for r in logged if r.get("train/loss")] == [3, 7, 11, 15]
     phase = model.tvlars_plan.phase
     for row in rows:
-        t = int(row["step"]) - 1
+        t = int(row["step"])
         assert float(row["tvlars/phase"]) == pytest.approx(phase(t))
         assert float(row["tvlars/effective_batch_size"]) == 32
         assert float(row["tvlars/lr"]) == pytest.approx(1.0 * 32 / 256)
@@ -252,7 +256,11 @@ def test_monitor_with_tensorboard_histograms(tmp_path: Path) -> None:
 def test_monitor_warns_once_when_trust_ratios_explode(tmp_path: Path) -> None:
     cfg = TVLARSConfig(trust_coefficient=50.0)  # r = 50 ||w|| / ||u|| >> 1
     trainer = _trainer(
-        tmp_path, max_steps=3, log_every_n_steps=1, callbacks=[TVLARSMonitor(warn_trust_ratio=1.0)]
+        tmp_path,
+        max_steps=3,
+        log_every_n_steps=1,
+        logger=CSVLogger(tmp_path),
+        callbacks=[TVLARSMonitor(warn_trust_ratio=1.0)],
     )
     with pytest.warns(
         UserWarning, match=r"trust ratio of 'net\.\d\.weight' is .* has exploded"
@@ -266,7 +274,9 @@ def test_monitor_refuses_other_optimizers(tmp_path: Path) -> None:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.AdamW(self.parameters())
 
-    trainer = _trainer(tmp_path, max_steps=1, callbacks=[TVLARSMonitor()])
+    trainer = _trainer(
+        tmp_path, max_steps=1, logger=CSVLogger(tmp_path), callbacks=[TVLARSMonitor()]
+    )
     with pytest.raises(
         ValueError, match=r"TVLARSMonitor needs a TVLARS optimizer, but the trainer has \['AdamW'\]"
     ):

@@ -76,10 +76,10 @@ def _check_png(path: Path, dpi: int, figsize_inches: tuple[float, float]) -> Non
 def test_load_metrics_reads_the_csv_file_exactly(runs: dict) -> None:
     metrics = load_metrics(runs["csv"])
     phase = metrics["tvlars/phase"]
-    assert [s for s, _ in phase] == list(range(1, STEPS + 1))  # global_step after each step
+    assert [s for s, _ in phase] == list(range(STEPS))  # Lightning's logging step = t
     assert phase == _column(runs["csv"] / "metrics.csv", "tvlars/phase")
     for step, value in phase:
-        assert value == pytest.approx(runs["phase"](step - 1))
+        assert value == pytest.approx(runs["phase"](step))
     assert [n for n in metrics if n.startswith("tvlars/trust_ratio/")] == [
         f"tvlars/trust_ratio/{n}" for n in LAYERS
     ]

@@ -3,25 +3,62 @@
 Self-supervised pre-training is where the paper reports its largest gains (up to +10 points).
 Two augmented views of each sequence go through a 1-D ResNet encoder and lightly's
 ``BarlowTwinsProjectionHead``; lightly's ``BarlowTwinsLoss`` pushes the cross-correlation of
-the two embeddings towards the identity (off-diagonal weight 0.005, as in the paper). The frozen
-encoder is evaluated by weighted k-nearest-neighbour classification (lightly's ``knn_predict``)
-with torchmetrics accuracy.
+the two embeddings towards the identity (off-diagonal weight 0.005, as in the paper).
+
+Two modules:
+
+* :class:`BarlowTwins1D` (``lightning.pytorch``): the benchmark's workload, also
+  ``lightning-tvlars fit --model BarlowTwins1D``. The frozen encoder is evaluated by weighted
+  k-nearest-neighbour classification (lightly's ``knn_predict``).
+* :class:`LightlyBarlowTwins1D` (the standalone ``pytorch_lightning`` package, as in lightly's
+  own examples): lightly's Barlow Twins recipe for LARS, expressed for TVLARS. Weights at
+  ``0.2 x B/256`` with weight decay 1.5e-6; biases and normalization parameters at
+  ``0.0048 x B/256`` (``lr_scale`` 0.024); an online linear classifier (lightly's
+  ``OnlineLinearClassifier``, trained on detached features) with neither weight decay nor
+  trust ratio, as a ``GroupOverride`` of the config.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import lightning.pytorch as pl
+import pytorch_lightning
 import torch
 import torchmetrics
 from lightly.loss import BarlowTwinsLoss
 from lightly.models.modules import BarlowTwinsProjectionHead
-from lightly.utils.benchmarking import knn_predict
+from lightly.utils.benchmarking import OnlineLinearClassifier, knn_predict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_tvlars.examples.classifier import encoder
 from lightning_tvlars.examples.mnist1d import NUM_CLASSES
-from lightning_tvlars.lightning import TVLARSConfig, TVLARSMixin
+from lightning_tvlars.lightning import TVLARSConfig, TVLARSMixin, configure_tvlars
+from lightning_tvlars.optim.groups import GroupOverride, is_excluded_by_default
+
+#: The defaults of ``BarlowTwins1D(tvlars=...)`` (a module-level instance: LightningCLI shows
+#: every field; the mixin copies it into each module's hyper-parameters).
+DEFAULT_TVLARS = TVLARSConfig()
+
+#: lightly's Barlow Twins recipe (benchmarks/imagenet/resnet50/barlowtwins.py) for TVLARS:
+#: ``lr`` 0.2 per 256 samples, weight decay 1.5e-6, and the online classifier neither decayed
+#: nor adapted, at the full learning rate. The biases' and norms' ``lr_scale`` is
+#: ``LightlyBarlowTwins1D(bias_norm_lr_scale=...)`` (see there).
+BARLOW_TWINS_TVLARS = TVLARSConfig(
+    lr=0.2,
+    base_batch_size=256,
+    weight_decay=1.5e-6,
+    overrides=[
+        GroupOverride(match="online_classifier.*", lr_scale=1.0, weight_decay=0.0, adapt=False)
+    ],
+)
+
+
+def is_bias_or_norm(name: str, parameter: nn.Parameter, module: nn.Module) -> bool:
+    """A selector (``GroupOverride.match``) for biases and normalization-layer parameters."""
+    return is_excluded_by_default(name.rsplit(".", 1)[-1], module)
 
 
 def augment(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -60,7 +97,7 @@ class BarlowTwins1D(TVLARSMixin, pl.LightningModule):
         blocks: int = 1,
         projection_dim: int = 256,
         lambda_param: float = 5e-3,
-        tvlars: TVLARSConfig | None = None,
+        tvlars: TVLARSConfig = DEFAULT_TVLARS,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -71,13 +108,18 @@ class BarlowTwins1D(TVLARSMixin, pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.encoder(x)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, _ = batch
+    def _loss(self, x: Tensor) -> Tensor:
         z0 = self.projection_head(self.encoder(augment(x)))
         z1 = self.projection_head(self.encoder(augment(x)))
-        loss = self.criterion(z0, z1)
+        return self.criterion(z0, z1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._loss(batch[0])
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("val/loss", self._loss(batch[0]), prog_bar=True)
 
     @torch.no_grad()
     def features(self, loader: DataLoader) -> tuple[Tensor, Tensor]:
@@ -100,3 +142,64 @@ class BarlowTwins1D(TVLARSMixin, pl.LightningModule):
             ranked = knn_predict(chunk, bank_features.T, bank_labels, NUM_CLASSES, knn_k=k)
             accuracy.update(ranked[:, 0], labels)
         return float(accuracy.compute())
+
+
+class LightlyBarlowTwins1D(TVLARSMixin, pytorch_lightning.LightningModule):
+    """lightly's Barlow Twins recipe on ``pytorch_lightning``, with TVLARS (module docstring).
+
+    Args:
+        width, blocks: encoder size (features are ``2 * width``).
+        projection_dim: hidden and output size of the projection head.
+        lambda_param: off-diagonal weight of the Barlow Twins loss.
+        bias_norm_lr_scale: learning-rate multiplier of biases and normalization parameters
+            (0.0048 / 0.2 in lightly's recipe). Applied in ``configure_optimizers`` as the first
+            override, with a selector by module type: a config holding a Python predicate could
+            not be written to YAML nor resumed from a checkpoint with ``weights_only=True``.
+        tvlars: the optimizer options; overrides in it take precedence over the one above.
+    """
+
+    def __init__(
+        self,
+        width: int = 16,
+        blocks: int = 1,
+        projection_dim: int = 256,
+        lambda_param: float = 5e-3,
+        bias_norm_lr_scale: float = 0.024,
+        tvlars: TVLARSConfig = BARLOW_TWINS_TVLARS,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.encoder = encoder(width, blocks)
+        self.projection_head = BarlowTwinsProjectionHead(2 * width, projection_dim, projection_dim)
+        self.criterion = BarlowTwinsLoss(lambda_param=lambda_param)
+        self.online_classifier = OnlineLinearClassifier(
+            feature_dim=2 * width, num_classes=NUM_CLASSES, topk=(1,)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, targets = batch
+        features = self.encoder(augment(x))
+        z0 = self.projection_head(features)
+        z1 = self.projection_head(self.encoder(augment(x)))
+        loss = self.criterion(z0, z1)
+        # the classifier reads detached features: it never trains the encoder
+        cls_loss, cls_log = self.online_classifier.training_step((features, targets), batch_idx)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict(cls_log)
+        return loss + cls_loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, targets = batch
+        cls_loss, cls_log = self.online_classifier.validation_step(
+            (self.encoder(x), targets), batch_idx
+        )
+        self.log_dict(cls_log, prog_bar=True)
+        return cls_loss
+
+    def configure_optimizers(self) -> Any:
+        config = self.tvlars_config
+        recipe = GroupOverride(match=[is_bias_or_norm], lr_scale=self.hparams["bias_norm_lr_scale"])
+        return configure_tvlars(self, replace(config, overrides=[recipe, *config.overrides]))

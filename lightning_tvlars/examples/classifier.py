@@ -46,6 +46,11 @@ def encoder(width: int = 32, blocks: int = 2) -> nn.Sequential:
     )
 
 
+#: The defaults of ``MNIST1DClassifier(tvlars=...)`` (a module-level instance: LightningCLI's
+#: ``--help`` and ``--print_config`` show every field; the mixin copies it per module).
+DEFAULT_TVLARS = TVLARSConfig()
+
+
 class MNIST1DClassifier(TVLARSMixin, pl.LightningModule):
     """1-D ResNet classifier; ``configure_optimizers`` comes from :class:`TVLARSMixin`.
 
@@ -56,7 +61,7 @@ class MNIST1DClassifier(TVLARSMixin, pl.LightningModule):
     """
 
     def __init__(
-        self, width: int = 32, blocks: int = 2, tvlars: TVLARSConfig | None = None
+        self, width: int = 32, blocks: int = 2, tvlars: TVLARSConfig = DEFAULT_TVLARS
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

@@ -9,16 +9,37 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:
+    import lightning.pytorch
+    import pytorch_lightning
+
+    #: A LightningModule of either package (for annotations).
+    AnyLightningModule: TypeAlias = (
+        lightning.pytorch.LightningModule | pytorch_lightning.LightningModule
+    )
 
 PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 
 
-@functools.cache
 def lightning_classes(path: str) -> tuple[type, ...]:
-    """``path`` (e.g. ``"callbacks.GradientAccumulationScheduler"``) from each installed package."""
+    """``path`` (e.g. ``"callbacks.GradientAccumulationScheduler"``) from each package in use.
+
+    ``pytorch_lightning`` is only looked at once something imported it: a module or trainer
+    of that package implies it, and importing it here would reroute Lightning's rank-zero log
+    records to its logger for everybody else.
+    """
+    loaded = tuple(p for p in PACKAGES if p == PACKAGES[0] or p in sys.modules)
+    return _classes(path, loaded)
+
+
+@functools.cache
+def _classes(path: str, packages: tuple[str, ...]) -> tuple[type, ...]:
     module_path, _, name = path.rpartition(".")
     found = []
-    for package in PACKAGES:
+    for package in packages:
         try:
             module = importlib.import_module(f"{package}.{module_path}" if module_path else package)
         except ImportError:

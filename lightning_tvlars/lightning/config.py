@@ -18,6 +18,7 @@ import torch
 from lightning_tvlars._validation import (
     check_choice,
     check_non_negative,
+    check_open_interval,
     check_positive,
     check_positive_int,
     check_real,
@@ -25,7 +26,7 @@ from lightning_tvlars._validation import (
 )
 from lightning_tvlars.lightning.scaling import SCALING_RULES, ScalingRule
 from lightning_tvlars.optim.groups import GroupOverride
-from lightning_tvlars.schedule import LR_SCHEDULES, FittedPhase, LRSchedule
+from lightning_tvlars.schedule import LR_SCHEDULES, LRSchedule
 
 PhaseMode = Literal["fitted", "explicit", "off"]
 PHASE_MODES: tuple[str, ...] = ("fitted", "explicit", "off")
@@ -65,7 +66,11 @@ class PhaseConfig:
     def __post_init__(self) -> None:
         check_choice("phase.mode", self.mode, PHASE_MODES)
         check_choice("phase.delay_unit", self.delay_unit, ("steps", "epochs"))
-        FittedPhase(self.half_at, self.decayed_by_end, self.alpha, self.floor)  # validates
+        # FittedPhase's own checks, with the names of this config
+        check_unit_interval("phase.half_at", self.half_at)
+        check_open_interval("phase.decayed_by_end", self.decayed_by_end, 0.5, 1.0)
+        check_positive("phase.alpha", self.alpha)
+        check_non_negative("phase.floor", self.floor)
         if self.decay is not None:
             check_non_negative("phase.decay", self.decay)
         if self.delay is not None:
@@ -92,18 +97,25 @@ class TVLARSConfig:
             effective batch (per device x data-parallel replicas x accumulation).
         lr_scaling: ``linear``, ``sqrt`` or ``none``.
         base_batch_size: the batch ``lr`` is given for.
-        momentum, weight_decay, trust_coefficient, norm_clip: as in
-            :class:`~lightning_tvlars.TVLARS`.
+        momentum: heavy-ball momentum in [0, 1).
+        weight_decay: decay of adapted parameters (>= 0), folded into the update
+            ``g + weight_decay * w``; biases and normalization parameters get none.
+        trust_coefficient: ``eta`` > 0 of the trust ratio ``eta * ||w|| / ||g + wd * w||``.
+        norm_clip: if set (> 0), both norms of the trust ratio are clamped to it (the authors'
+            code).
         phase: the phase (:class:`PhaseConfig`).
         lr_schedule: ``constant`` (TVLARS as in the paper) or ``cosine`` annealing to
             ``final_lr_ratio`` x the initial rate at the end of the run.
         final_lr_ratio: only with ``lr_schedule='cosine'``.
         select: ``fnmatch`` patterns of the parameters to optimize (default: every trainable
             parameter of the module given to ``configure_tvlars``).
-        exclude, include: patterns forced out of / into adaptation (biases and normalization
-            parameters are out by default).
+        exclude: ``fnmatch`` patterns of parameters kept out of adaptation (biases and
+            normalization parameters are out by default).
+        include: ``fnmatch`` patterns of parameters adapted although the default rule
+            excludes them.
         overrides: per-pattern ``lr_scale``, ``weight_decay`` and ``adapt``
-            (:class:`~lightning_tvlars.GroupOverride`), in order.
+            (:class:`~lightning_tvlars.GroupOverride`), in order; YAML:
+            ``[{match: "head.*", lr_scale: 0.1}]``.
     """
 
     lr: float = 1.0

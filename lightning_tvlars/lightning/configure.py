@@ -10,7 +10,7 @@ plan true while the run changes.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
@@ -26,6 +26,9 @@ from lightning_tvlars.lightning.sync import ScheduleSync, describe_batch, guard_
 from lightning_tvlars.optim import TVLARS, param_groups
 from lightning_tvlars.phase import SigmoidPhase
 from lightning_tvlars.schedule import FittedPhase, TVLARSScheduler
+
+if TYPE_CHECKING:
+    from lightning_tvlars.lightning._compat import AnyLightningModule
 
 Parameters = nn.Module | Iterable[dict[str, Any]] | None
 
@@ -101,7 +104,7 @@ def batch_scale(config: Any, facts: RunFacts) -> float:
 
 
 def configure_tvlars(
-    module: pl.LightningModule,
+    module: AnyLightningModule,
     config: TVLARSConfig | dict[str, Any] | None = None,
     *,
     parameters: Parameters = None,

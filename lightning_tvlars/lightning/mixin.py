@@ -8,14 +8,24 @@ Inherit it before ``LightningModule`` (from ``lightning.pytorch`` or the standal
             super().__init__()
             self.save_hyperparameters()
 
-``configure_optimizers`` then calls :func:`~lightning_tvlars.configure_tvlars` with
-``hparams["tvlars"]``, ``configure_callbacks`` adds
+(With ``tvlars: TVLARSConfig = DEFAULT``, a module-level ``TVLARSConfig()``, LightningCLI's
+``--help`` and ``--print_config`` show every field.)
+
+``save_hyperparameters`` validates ``tvlars`` (a ``TVLARSConfig`` or a mapping) when the
+module is built; ``configure_optimizers`` then calls :func:`~lightning_tvlars.configure_tvlars`
+with ``hparams["tvlars"]``, ``configure_callbacks`` adds
 :class:`~lightning_tvlars.lightning.sync.ScheduleSync`, and ``lr`` exposes the base learning
-rate to Lightning's LR finder (``Tuner.lr_find``), in base-batch units.
+rate to Lightning's LR finder (``Tuner.lr_find``), in base-batch units. A class that puts
+``LightningModule`` before the mixin (whose ``configure_optimizers`` would then never run) is
+refused when it is defined; one that forgot ``LightningModule`` is told so when it is built.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
+import types
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -26,9 +36,65 @@ from lightning_tvlars.lightning.run import RunFacts
 from lightning_tvlars.lightning.sync import ScheduleSync
 from lightning_tvlars.schedule import Plan, TVLARSScheduler
 
+_LIGHTNING_MODULES = {
+    ("lightning.pytorch", "LightningModule"),
+    ("pytorch_lightning", "LightningModule"),
+}
+
+
+def _is_lightning_module_class(klass: type) -> bool:
+    """``LightningModule`` itself, of either package (checked without importing either)."""
+    package = klass.__module__.split(".core", 1)[0]
+    return (package, klass.__name__) in _LIGHTNING_MODULES
+
+
+def _not_a_module_error(instance: object) -> TypeError:
+    return TypeError(
+        f"{type(instance).__name__} uses TVLARSMixin but is not a LightningModule: inherit "
+        "TVLARSMixin first, then lightning.pytorch.LightningModule (or "
+        "pytorch_lightning.LightningModule), e.g. class Model(TVLARSMixin, LightningModule)"
+    )
+
 
 class TVLARSMixin:
     """Give a LightningModule TVLARS with no code (see the module docstring)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        module = next((i for i, k in enumerate(mro) if _is_lightning_module_class(k)), None)
+        if module is not None and module < mro.index(TVLARSMixin):
+            raise TypeError(
+                f"class {cls.__name__} inherits {mro[module].__module__}.LightningModule before "
+                "TVLARSMixin, so LightningModule's empty configure_optimizers would hide the "
+                f"mixin's: write class {cls.__name__}(TVLARSMixin, LightningModule)"
+            )
+
+    def save_hyperparameters(
+        self,
+        *args: Any,
+        ignore: Sequence[str] | str | None = None,
+        frame: types.FrameType | None = None,
+        logger: bool = True,
+    ) -> None:
+        """Lightning's ``save_hyperparameters``, then validate ``hparams["tvlars"]`` now.
+
+        A mapping (YAML, a dict) is checked as a ``TVLARSConfig`` here, not at ``fit``; a
+        ``TVLARSConfig`` is copied, so a default instance in a signature is never shared.
+        """
+        if not isinstance(self, lightning_classes("LightningModule")):
+            raise _not_a_module_error(self)
+        if frame is None:
+            current = inspect.currentframe()
+            frame = current.f_back if current is not None else None
+        super().save_hyperparameters(  # type: ignore[misc]
+            *args, ignore=ignore, frame=frame, logger=logger
+        )
+        hparams = self.hparams  # type: ignore[attr-defined]
+        if "tvlars" in hparams:
+            config = TVLARSConfig.from_any(hparams["tvlars"])  # raises for bad values
+            if isinstance(hparams["tvlars"], TVLARSConfig):
+                hparams["tvlars"] = copy.deepcopy(config)
 
     @property
     def tvlars_config(self) -> TVLARSConfig:
@@ -76,11 +142,7 @@ class TVLARSMixin:
 
     def configure_optimizers(self) -> Any:
         if not isinstance(self, lightning_classes("LightningModule")):
-            raise TypeError(
-                f"{type(self).__name__} uses TVLARSMixin but is not a LightningModule: inherit "
-                "TVLARSMixin first, then lightning.pytorch.LightningModule (or "
-                "pytorch_lightning.LightningModule)"
-            )
+            raise _not_a_module_error(self)
         return configure_tvlars(self, self.tvlars_config)  # type: ignore[arg-type]
 
     def configure_callbacks(self) -> Any:

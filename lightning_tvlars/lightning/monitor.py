@@ -1,53 +1,67 @@
-"""``TVLARSMonitor``: log the phase, learning rate, effective batch and per-layer trust ratios.
+"""``TVLARSMonitor``: the phase, learning rate, effective batch and trust ratios of a Lightning run.
 
-The optimizer keeps the last step's statistics on the device; the monitor reads them only on
-logging steps, packs everything into one tensor and copies it to the host once (one sync per
-log interval, none in between). Gradient norms are computed on logging steps only, from the
-gradients Lightning leaves in place until the next ``zero_grad``. Metrics go to every logger of
-the trainer on global rank zero, never through ``sync_dist``.
+Modelled on Lightning's ``LearningRateMonitor``:
 
-Metrics (``<name>`` is the parameter's qualified name)::
+* **Callback metrics, every optimizer step.** The whole-model metrics (phase, lr, effective
+  batch, skipped, trust-ratio min/median/max) go to ``trainer.callback_metrics`` after every
+  optimizer step, as 0-d tensors that stay where they were computed: no host sync. So
+  ``ModelCheckpoint(monitor="tvlars/trust_ratio_max")`` and ``EarlyStopping`` read them like a
+  metric logged with ``self.log(..., on_step=True)``.
+* **Loggers, at Lightning's logging steps.** On the steps where Lightning itself logs
+  (``Trainer(log_every_n_steps)``, the logger connector's decision), at Lightning's own step
+  (the same x value as ``train/loss``), every metric goes to every logger: one device-to-host
+  copy per logging step. Per-layer metrics go to the loggers only, not to
+  ``callback_metrics``. With ``prog_bar=True`` the whole-model metrics also go to the progress
+  bar, refreshed at the logging steps.
+* **A logger is required**, as for ``LearningRateMonitor``: without one the metrics would be
+  computed and dropped. Without a logger, read :func:`~lightning_tvlars.tvlars_metrics`.
 
-    tvlars/phase                  phi(t) of the last step
-    tvlars/lr                     learning rate of the adapted group
-    tvlars/effective_batch_size   per device x data-parallel replicas x accumulation
-    tvlars/skipped                1 if the last step was skipped for a non-finite update
-    tvlars/trust_ratio_{min,median,max}   over adapted tensors
-    tvlars/trust_ratio/<name>     r = eta ||w|| / ||g + beta w||          (per_layer=True)
-    tvlars/lnr/<name>             layer-wise normalized rate ||w|| / ||g||
-    tvlars/weight_norm/<name>     ||w||
-    tvlars/grad_norm/<name>       ||g||
+Values are global (the optimizer's norms are exact under sharding), so nothing is reduced with
+``sync_dist``; under sharding every rank takes part in the one collective of the gradient
+norms. Under gradient accumulation the metrics are read at the batch that stepped: the gradient
+norms are those of the accumulated gradient the step used. The metric names are those of
+:mod:`lightning_tvlars.metrics` (``lightning-tvlars plot`` reads them); a second TVLARS
+optimizer logs under ``tvlars_1/``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import re
 from collections.abc import Callable
+from typing import Any
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_tvlars._validation import check_positive, check_positive_int
+from lightning_tvlars.lightning._compat import lightning_classes
 from lightning_tvlars.lightning.scaling import effective_batch_size
 from lightning_tvlars.lightning.strategy import check_strategy
-from lightning_tvlars.optim import TVLARS, TVLARSStepStats
+from lightning_tvlars.metrics import (
+    Reading,
+    compile_name_filter,
+    gradient_norms,
+    metric_prefix,
+    read_step,
+    summary_tensors,
+)
+from lightning_tvlars.optim import TVLARS
 
 
 class TVLARSMonitor(pl.Callback):
-    """Log TVLARS internals to every Lightning logger.
+    """Send TVLARS internals to ``callback_metrics``, the loggers and the progress bar.
 
     Args:
-        log_every_n_steps: log every this many optimizer steps; ``None`` follows
-            ``Trainer(log_every_n_steps=...)``.
-        per_layer: log the four per-tensor metrics (else only phase, lr, batch and summaries).
-        name_filter: a regular expression, or a predicate on the parameter name; only matching
-            tensors get per-layer metrics.
+        log_every_n_steps: ``None`` (default): log exactly when Lightning logs
+            (``Trainer(log_every_n_steps=...)``). An int: log every this many optimizer
+            steps instead, still at Lightning's step numbering (e.g. per-layer metrics less
+            often than the loss).
+        per_layer: log the four per-tensor metrics (else only the whole-model ones).
+        name_filter: a regular expression (searched in the name), or a predicate on the
+            parameter name; only matching tensors get per-layer metrics.
         histograms: also write histograms of trust ratios and LNR to TensorBoard loggers.
         warn_trust_ratio: warn (once) when an adapted trust ratio exceeds this value, the
             paper's early-phase explosion of ``||w|| / ||g||``; ``None`` disables it.
+        prog_bar: also show the whole-model metrics in the progress bar.
     """
 
     def __init__(
@@ -57,34 +71,35 @@ class TVLARSMonitor(pl.Callback):
         name_filter: str | Callable[[str], bool] | None = None,
         histograms: bool = False,
         warn_trust_ratio: float | None = 1.0,
+        prog_bar: bool = False,
     ) -> None:
         super().__init__()
         if log_every_n_steps is not None:
             check_positive_int("log_every_n_steps", log_every_n_steps)
         if warn_trust_ratio is not None:
             check_positive("warn_trust_ratio", warn_trust_ratio)
-        if (
-            name_filter is not None
-            and not isinstance(name_filter, str)
-            and not callable(name_filter)
-        ):
-            raise TypeError(
-                f"name_filter={name_filter!r} is invalid: expected a regex string, a callable "
-                "or None"
-            )
-        self.name_filter: re.Pattern[str] | Callable[[str], bool] | None = (
-            re.compile(name_filter) if isinstance(name_filter, str) else name_filter
-        )
+        self.name_filter = name_filter
+        self._keep = compile_name_filter(name_filter)
         self.log_every_n_steps = log_every_n_steps
         self.per_layer = per_layer
         self.histograms = histograms
         self.warn_trust_ratio = warn_trust_ratio
-        self._last_logged_step = -1
+        self.prog_bar = prog_bar
+        self._last_step: dict[int, int] = {}
+        #: Logging steps of the current fit at which the loggers received metrics.
+        self.logged_steps = 0
         self._warned = False
         self._names: dict[int, str] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         check_strategy(trainer)
+        if stage == "fit" and not trainer.loggers:
+            raise ValueError(
+                "TVLARSMonitor needs a logger, but the Trainer has none (logger=False): its "
+                "metrics would be computed and dropped. Give the Trainer a logger (e.g. "
+                "logger=CSVLogger('logs')) or remove the monitor (lightning_tvlars."
+                "tvlars_metrics(optimizer) reads the same values without one)."
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._optimizers(trainer):
@@ -94,115 +109,97 @@ class TVLARSMonitor(pl.Callback):
                 "monitor or configure TVLARS (e.g. with TVLARSMixin or configure_tvlars)"
             )
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
-
-    def _keep(self, name: str) -> bool:
-        if self.name_filter is None:
-            return True
-        if isinstance(self.name_filter, re.Pattern):
-            return self.name_filter.search(name) is not None
-        return bool(self.name_filter(name))
+        self._last_step = {}
+        self.logged_steps = 0
 
     @staticmethod
     def _optimizers(trainer: pl.Trainer) -> list[TVLARS]:
         return [opt for opt in trainer.optimizers if isinstance(opt, TVLARS)]
 
+    def _should_log(self, trainer: pl.Trainer) -> bool:
+        """Lightning's decision (``should_update_logs``), or every ``log_every_n_steps``."""
+        if self.log_every_n_steps is None:
+            return bool(trainer._logger_connector.should_update_logs)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped + 1  # as Lightning counts
+        return step % self.log_every_n_steps == 0 or bool(trainer.should_stop)
+
+    @staticmethod
+    def _effective_batch(trainer: pl.Trainer, optimizer: TVLARS) -> int | None:
+        """From the optimizer's TVLARSScheduler plan, else from the trainer."""
+        for config in trainer.lr_scheduler_configs:
+            batch = getattr(getattr(config.scheduler, "plan", None), "effective_batch_size", None)
+            if config.scheduler.optimizer is optimizer and batch is not None:
+                return int(batch)
+        try:
+            return effective_batch_size(trainer)
+        except ValueError:  # no readable batch size (custom loaders)
+            return None
+
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any
     ) -> None:
-        interval = self.log_every_n_steps
-        if interval is None:
-            interval = int(getattr(trainer, "log_every_n_steps", 50))
-        optimizers = self._optimizers(trainer)
-        for index, optimizer in enumerate(optimizers):
+        if pl_module.automatic_optimization and trainer.fit_loop._should_accumulate():
+            return  # no optimizer step in this batch: the gradients are still accumulating
+        log = self._should_log(trainer)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # Lightning's logging step
+        for index, optimizer in enumerate(self._optimizers(trainer)):
             stats = optimizer.last_step_stats
-            if stats is None or stats.step == self._last_logged_step or stats.step % interval:
-                continue
-            if index == len(optimizers) - 1:
-                self._last_logged_step = stats.step
-            prefix = "tvlars" if index == 0 else f"tvlars_{index}"
-            self._log(trainer, pl_module, optimizer, stats, prefix)
+            if stats is None or self._last_step.get(index) == stats.step:
+                continue  # this optimizer did not step since the last call
+            self._last_step[index] = stats.step
+            prefix = metric_prefix(index)
+            batch = self._effective_batch(trainer, optimizer)
+            trainer.callback_metrics.update(
+                summary_tensors(optimizer, prefix=prefix, effective_batch_size=batch)
+            )
+            if log:
+                self._log(trainer, optimizer, prefix, batch, step)
+                if index == 0:
+                    self.logged_steps += 1
 
     def _log(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        optimizer: TVLARS,
-        stats: TVLARSStepStats,
-        prefix: str,
+        self, trainer: pl.Trainer, optimizer: TVLARS, prefix: str, batch: int | None, step: int
     ) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in stats.params]
         # Every rank takes part: under sharding the gradient norms need one collective.
-        grad_norm = optimizer.full_norms(list(stats.params), grads).to(stats.weight_norm.dtype)
+        grad_norm = gradient_norms(optimizer)
         if not trainer.is_global_zero:
             return
-        adapted = torch.tensor(stats.adapted, device=stats.weight_norm.device)
-        ratios = stats.trust_ratio[adapted] if any(stats.adapted) else stats.trust_ratio
-        n = len(stats.params)
-        packed = torch.cat(
-            [
-                stats.weight_norm,
-                grad_norm,
-                stats.trust_ratio,
-                ratios.min().view(1),
-                ratios.median().view(1),
-                ratios.max().view(1),
-                stats.skipped.to(stats.weight_norm.dtype).view(1),
-            ]
-        ).tolist()  # the one device-to-host copy of this log step
-        weight_norm, grad_norm_l, trust = packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n]
-        r_min, r_med, r_max, skipped = packed[3 * n :]
-        lr = next((lr for lr, a in zip(stats.lr, stats.adapted, strict=True) if a), stats.lr[0])
-        metrics = {
-            f"{prefix}/phase": float(stats.phase),
-            f"{prefix}/lr": lr,
-            f"{prefix}/skipped": skipped,
-            f"{prefix}/trust_ratio_min": r_min,
-            f"{prefix}/trust_ratio_median": r_med,
-            f"{prefix}/trust_ratio_max": r_max,
-        }
-        plan = getattr(pl_module, "tvlars_plan", None)
-        with contextlib.suppress(ValueError):  # no readable batch size (custom loaders)
-            metrics[f"{prefix}/effective_batch_size"] = (
-                plan.effective_batch_size if plan is not None else effective_batch_size(trainer)
-            )
-        names = [
-            name or self._names.get(id(p), f"param_{i}")
-            for i, (name, p) in enumerate(zip(stats.names, stats.params, strict=True))
-        ]
-        if self.per_layer:
-            for i, name in enumerate(names):
-                if not self._keep(name):
-                    continue
-                gn = grad_norm_l[i]
-                metrics[f"{prefix}/weight_norm/{name}"] = weight_norm[i]
-                metrics[f"{prefix}/grad_norm/{name}"] = gn
-                metrics[f"{prefix}/lnr/{name}"] = weight_norm[i] / gn if gn > 0 else float("inf")
-                if stats.adapted[i]:
-                    metrics[f"{prefix}/trust_ratio/{name}"] = trust[i]
-        self._warn_on_explosion(stats, names, trust)
+        reading = read_step(
+            optimizer,
+            grad_norm,
+            prefix=prefix,
+            per_layer=self.per_layer,
+            keep=self._keep,
+            names=self._names,
+            effective_batch_size=batch,
+        )
+        if reading is None:
+            return
+        if self.prog_bar:
+            trainer.progress_bar_metrics.update(reading.scalars)
+        self._warn_on_explosion(reading)
+        tensorboard = lightning_classes("loggers.TensorBoardLogger")
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            if self.histograms and isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_histogram(
-                    f"{prefix}/trust_ratio", ratios, trainer.global_step
-                )
-                lnr = stats.weight_norm / grad_norm.clamp_min(torch.finfo(grad_norm.dtype).tiny)
-                logger.experiment.add_histogram(f"{prefix}/lnr", lnr, trainer.global_step)
+            logger.log_metrics(reading.metrics, step=step)
+            if self.histograms and isinstance(logger, tensorboard):
+                experiment = logger.experiment  # type: ignore[attr-defined]
+                experiment.add_histogram(f"{prefix}/trust_ratio", reading.ratios, step)
+                experiment.add_histogram(f"{prefix}/lnr", reading.lnr, step)
 
-    def _warn_on_explosion(
-        self, stats: TVLARSStepStats, names: list[str], trust: list[float]
-    ) -> None:
+    def _warn_on_explosion(self, reading: Reading) -> None:
         if self.warn_trust_ratio is None or self._warned:
             return
+        trust = reading.trust_ratio
         worst = max(
-            (i for i in range(len(names)) if stats.adapted[i]), key=trust.__getitem__, default=None
+            (i for i, adapted in enumerate(reading.adapted) if adapted),
+            key=trust.__getitem__,
+            default=None,
         )
         if worst is not None and trust[worst] > self.warn_trust_ratio:
             self._warned = True
             rank_zero_warn(
-                f"TVLARS trust ratio of {names[worst]!r} is {trust[worst]:.3g} at step "
-                f"{stats.step} "
-                f"(> warn_trust_ratio={self.warn_trust_ratio}): ||w|| / ||g|| has exploded, the "
-                "early-phase symptom described by the TVLARS paper. If training diverges, lower "
-                "the learning rate, decay the phase earlier, or set norm_clip."
+                f"TVLARS trust ratio of {reading.names[worst]!r} is {trust[worst]:.3g} at step "
+                f"{reading.step} (> warn_trust_ratio={self.warn_trust_ratio}): ||w|| / ||g|| has "
+                "exploded, the early-phase symptom described by the TVLARS paper. If training "
+                "diverges, lower the learning rate, decay the phase earlier, or set norm_clip."
             )

@@ -1,0 +1,345 @@
+"""``TVLARSCLI``: a LightningCLI with TVLARS's monitor, a model choice and plain error messages.
+
+``lightning-tvlars fit`` trains the MNIST-1D classifier with TVLARS (no warm-up) and the
+monitor; ``--model BarlowTwins1D`` (or any LightningModule, by class name or import path)
+trains another model on the same data. Every option is a flag and a YAML key::
+
+    lightning-tvlars fit --model.tvlars.lr 2.0 --model.tvlars.lr_scaling sqrt \
+        --data.batch_size 1024 --trainer.max_epochs 5 --monitor.per_layer false
+    lightning-tvlars fit --model BarlowTwins1D --model.tvlars.lr 0.5
+    lightning-tvlars fit --print_config > my.yaml && lightning-tvlars fit --config my.yaml
+
+A wrong value is reported in one line naming the flag, the value and what is allowed; a run
+ends with where its logs and checkpoints are and how to look at them.
+
+Your own module gets the same ``--model.tvlars.*`` flags from any LightningCLI when it takes a
+``tvlars: TVLARSConfig`` argument; :class:`TVLARSCLI` adds ``--monitor.*``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import Any, get_type_hints
+
+import lightning.pytorch as pl
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_tvlars.lightning.config import TVLARSConfig
+from lightning_tvlars.lightning.configure import build_groups
+from lightning_tvlars.lightning.mixin import TVLARSMixin
+from lightning_tvlars.lightning.monitor import TVLARSMonitor
+from lightning_tvlars.optim.groups import GroupOverride
+
+#: The models of the ``lightning-tvlars fit --model NAME`` choice, by class name.
+MODELS = {
+    "MNIST1DClassifier": "lightning_tvlars.examples.classifier.MNIST1DClassifier",
+    "BarlowTwins1D": "lightning_tvlars.examples.barlow_twins.BarlowTwins1D",
+    "GAN1D": "lightning_tvlars.examples.gan.GAN1D",
+}
+DEFAULT_MODEL = "MNIST1DClassifier"
+
+
+class CLIError(Exception):
+    """A wrong command line, already phrased for the user (one line)."""
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+class TVLARSArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser; in model-choice mode ``--help`` also lists the default model's
+    options (jsonargparse shows only ``--model.help`` for a choice of class)."""
+
+    model_help_class: type | None = None
+
+    def format_help(self, *args: Any, **kwargs: Any) -> str:
+        text = super().format_help(*args, **kwargs)
+        if self.model_help_class is None:
+            return text
+        return text + "\n" + model_options_help(self.model_help_class)
+
+
+def model_options_help(model_class: type) -> str:
+    """The ``--model.*`` options of ``model_class``, as ``--help`` shows them."""
+    parser = ArgumentParser(prog="", add_help=False)
+    parser.add_class_arguments(model_class, "model", fail_untyped=False, sub_configs=True)
+    body = parser.format_help().split("\n\n", 1)[-1]  # without the usage lines
+    others = ", ".join(name for name in MODELS if name != model_class.__name__)
+    header = textwrap.fill(
+        f"Options of the default model, {model_class.__name__} (--model chooses another: "
+        f"{others} or any LightningModule import path; its options: --model.help NAME):",
+        width=79,
+    )
+    return f"{header}\n\n{body}"
+
+
+class TVLARSCLI(LightningCLI):
+    """LightningCLI with ``TVLARSMonitor`` as ``--monitor.*`` and TVLARS-friendly defaults.
+
+    Optimizer flags come from the module's ``tvlars`` argument, never from LightningCLI's
+    ``--optimizer``, which would rebuild the optimizer on ``model.parameters()`` and lose the
+    parameter groups (``auto_configure_optimizers=False``).
+
+    Args:
+        model_class: the module; ``None`` with ``default_model`` lets ``--model`` choose any
+            LightningModule (class name or import path), ``default_model`` when not given.
+        datamodule_class: the data.
+        default_model: the import path of the default model when ``--model`` chooses.
+        **kwargs: LightningCLI's arguments.
+    """
+
+    def __init__(
+        self,
+        model_class: type[pl.LightningModule] | None = None,
+        datamodule_class: type[pl.LightningDataModule] | None = None,
+        default_model: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.default_model = default_model
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", TVLARSArgumentParser)
+        if default_model is not None:
+            kwargs.setdefault("subclass_mode_model", True)
+        # Parse errors raise here instead of printing 40 lines of usage: see parse_arguments.
+        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
+        parser_kwargs.setdefault("exit_on_error", False)
+        for subcommand in self.subcommands():
+            parser_kwargs.setdefault(subcommand, {}).setdefault("exit_on_error", False)
+        trainer_defaults = {
+            "max_epochs": 5,
+            "log_every_n_steps": 10,
+            **kwargs.pop("trainer_defaults", {}),
+        }
+        super().__init__(
+            model_class,
+            datamodule_class,
+            trainer_defaults=trainer_defaults,
+            parser_kwargs=parser_kwargs,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(TVLARSMonitor, "monitor")
+        if self.default_model is not None:
+            parser.set_defaults({"model": {"class_path": self.default_model}})
+            if isinstance(parser, TVLARSArgumentParser):
+                parser.model_help_class = _import(self.default_model)
+
+    # ------------------------------------------------------------------ errors in one line
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        words = sys.argv[1:] if args is None else args
+        if isinstance(words, list):
+            self._command = next((w for w in words if w in self.subcommands()), None)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            self._exit_with(one_line_error(str(err)))
+        self._check_tvlars_configs()
+
+    def _check_tvlars_configs(self) -> None:
+        """Check every ``TVLARSConfig`` of the model now, to name the flag of a bad value
+        (instantiation would raise a traceback without it)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        model = config.get("model")
+        if not isinstance(model, Namespace):
+            return
+        if "class_path" in model:
+            model_class, init_args = _import(model["class_path"]), model.get("init_args")
+        else:
+            model_class, init_args = self.model_class, model
+        if not isinstance(init_args, Namespace) or not callable(model_class):
+            return
+        for name in tvlars_parameters(model_class):
+            value = init_args.get(name)
+            if isinstance(value, Namespace):
+                try:
+                    check_config(value.as_dict())
+                except (ValueError, TypeError) as err:
+                    self._exit_with(flag_error(f"model.{name}", str(err)))
+
+    def after_instantiate_classes(self) -> None:
+        """A mixin model's patterns (select, exclude, include, overrides) must match its
+        parameters: check them before training, to name the flag."""
+        model = getattr(self, "model", None)
+        if isinstance(model, TVLARSMixin) and (
+            type(model).configure_optimizers is TVLARSMixin.configure_optimizers
+        ):
+            try:
+                build_groups(model, model.tvlars_config)  # type: ignore[arg-type]
+            except (ValueError, TypeError) as err:
+                self._exit_with(flag_error("model.tvlars", str(err)))
+
+    def _exit_with(self, message: str) -> None:
+        prog = self.parser.prog.replace(" [options]", "")
+        command = getattr(self, "_command", None)
+        sys.stderr.write(f"{prog}{' ' + command if command else ''}: error: {message}\n")
+        sys.exit(2)
+
+    # ------------------------------------------------------------------ the run
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if not trainer.loggers:  # the monitor would refuse the run; nothing to log to
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, TVLARSMonitor)]  # type: ignore[attr-defined]
+            rank_zero_info("TVLARSMonitor is off: the trainer has no logger (--trainer.logger).")
+        return trainer
+
+    def after_fit(self) -> None:
+        """Say where the run's logs and checkpoints are and how to look at them."""
+        if self.trainer.is_global_zero:
+            print(run_summary(self.trainer), flush=True)
+
+
+def tvlars_parameters(model_class: Callable[..., Any]) -> list[str]:
+    """The ``__init__`` parameters of ``model_class`` typed ``TVLARSConfig`` (or Optional)."""
+    init = getattr(model_class, "__init__", model_class)
+    try:
+        hints = get_type_hints(init)
+    except Exception:  # unresolvable annotations: nothing to check ahead
+        return []
+    names = []
+    for name in inspect.signature(init).parameters:
+        hint = hints.get(name)
+        if hint is TVLARSConfig or TVLARSConfig in getattr(hint, "__args__", ()):
+            names.append(name)
+    return names
+
+
+def check_config(values: dict[str, Any]) -> TVLARSConfig:
+    """Build a ``TVLARSConfig`` from parsed values, naming the override of a bad value."""
+    overrides = []
+    for index, override in enumerate(values.pop("overrides", None) or []):
+        fields = override.as_dict() if isinstance(override, Namespace) else override
+        try:
+            overrides.append(
+                fields if isinstance(fields, GroupOverride) else GroupOverride(**fields)
+            )
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"overrides[{index}].{err}") from err
+    return TVLARSConfig(**values, overrides=overrides)
+
+
+_LEADING_NAME = re.compile(r"^([A-Za-z_][\w.\[\]]*)=")
+
+
+def flag_error(prefix: str, message: str) -> str:
+    """``lr=-1.0 is invalid: ...`` of the config at ``prefix`` -> ``--prefix.lr=-1.0 is ...``."""
+    if _LEADING_NAME.match(message):
+        return f"--{prefix}.{message}"
+    return f"--{prefix}: {message}"
+
+
+def _allowed(expected: str) -> str:
+    """jsonargparse's type names in words: ``typing.Literal['a', 'b']`` -> ``one of 'a', 'b'``."""
+    literal = re.fullmatch(r"(?:a )?typing\.Literal\[(.*)\]", expected)
+    if literal:
+        return f"one of {literal.group(1)}"
+    names = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", expected)
+    words = {
+        "int": "an integer",
+        "float": "a number",
+        "bool": "true or false",
+        "str": "a string",
+        "NoneType": "null",
+    }
+    if names:
+        return " or ".join(words.get(n, n) for n in names)
+    return expected.removeprefix("a ")
+
+
+def one_line_error(message: str) -> str:
+    """jsonargparse's nested error report, as one line: the flag, the value, what is allowed."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    flag = "--" + ".".join(keys) if keys else ""
+    got = re.search(r"Expected (.+?)\. Got value: (.*)", message)
+    if got and flag:
+        return f"{flag}={got.group(2).strip()} is invalid: expected {_allowed(got.group(1))}"
+    option = re.search(r"Option '([^']+)' is not accepted", message)
+    if option:
+        return f"{flag}.{option.group(1)} is not an option (see --help)".lstrip(".")
+    given = re.findall(r"Given value: (.*)", message)
+    if "Expected a dot import path string" in message and flag == "--model":
+        return (
+            f"--model={given[-1].strip() if given else '?'} is invalid: expected one of "
+            f"{', '.join(MODELS)} or the import path of a LightningModule"
+        )
+    expected = re.findall(r"- Expected (a <class '[^']+'>)", message)
+    if flag and expected and given:
+        allowed = " or ".join(_allowed(e) for e in expected)
+        return f"{flag}={given[-1].strip()} is invalid: expected {allowed}"
+    return " ".join(message.split())
+
+
+def _short(path: str | os.PathLike[str]) -> str:
+    """``path`` relative to the working directory when it lies below it."""
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else os.fspath(path)
+
+
+def run_summary(trainer: pl.Trainer) -> str:
+    """Where a finished run's logs and checkpoints are, and the commands to look at them."""
+    lines = []
+    logs = [(lg, str(lg.log_dir)) for lg in trainer.loggers if getattr(lg, "log_dir", None)]
+    for logger, log_dir in logs:
+        lines.append(f"Logs ({type(logger).__name__.removesuffix('Logger')}): {_short(log_dir)}")
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+        best = getattr(checkpoint, "best_model_path", "") or getattr(
+            checkpoint, "last_model_path", ""
+        )
+        lines.append(
+            f"Checkpoints: {_short(checkpoint.dirpath)}"  # type: ignore[attr-defined]
+            + (f" (best: {os.path.basename(best)})" if best else "")
+        )
+    monitors = [c for c in trainer.callbacks if isinstance(c, TVLARSMonitor)]  # type: ignore[attr-defined]
+    looks = []
+    if logs and any(m.logged_steps for m in monitors):
+        looks.append(f"  lightning-tvlars plot {_short(logs[0][1])}")
+    elif monitors:
+        every = getattr(trainer, "log_every_n_steps", "?")
+        lines.append(
+            "No TVLARS metrics were logged: the run took fewer optimizer steps than "
+            f"--trainer.log_every_n_steps={every}."
+        )
+    looks += [
+        f"  tensorboard --logdir {_short(logger.root_dir)}"
+        for logger, _ in logs
+        if isinstance(logger, TensorBoardLogger)
+    ]
+    if looks:
+        lines += ["Look at the run:", *looks]
+    if not lines:
+        lines.append("The run had no logger and no checkpoint: nothing was written.")
+    return "\n".join(lines)
+
+
+def fit_main(args: list[str] | None, parser_kwargs: dict[str, Any] | None = None) -> TVLARSCLI:
+    """``lightning-tvlars fit|validate|test|predict ...`` (``None``: read ``sys.argv``).
+
+    ``parser_kwargs`` go to the main parser (the command's description and epilog).
+    """
+    from lightning_tvlars.examples.mnist1d import MNIST1DDataModule
+
+    for path in MODELS.values():  # known by class name to --model
+        _import(path)
+    return TVLARSCLI(
+        None,
+        MNIST1DDataModule,
+        default_model=MODELS[DEFAULT_MODEL],
+        parser_kwargs={"prog": "lightning-tvlars", **(parser_kwargs or {})},
+        args=args,
+    )
