@@ -85,3 +85,25 @@ def test_errors_name_the_problem(small_model: nn.Module) -> None:
         param_groups(small_model, include=[3])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="weight_decay=-1 is invalid"):
         param_groups(small_model, weight_decay=-1)
+
+
+def second_layer(name: str, parameter: nn.Parameter, module: nn.Module) -> bool:
+    """A predicate that a config names as ``"@test_groups:second_layer"``."""
+    return name.startswith("4.")
+
+
+def test_rules_by_name_select_biases_norms_or_an_imported_predicate(small_model: nn.Module) -> None:
+    """``"@..."`` selectors are strings: YAML files and weights_only checkpoints can hold them."""
+    from lightning_tvlars import GroupOverride
+
+    groups = param_groups(small_model, overrides=[GroupOverride(match="@norm", lr_scale=0.5)])
+    scaled = [n for g in groups if g.get("lr_scale") == 0.5 for n in g["param_names"]]
+    assert scaled == ["1.weight", "1.bias", "5.weight", "5.bias"]
+    biases_in = param_groups(small_model, include=["@bias"])
+    adapted = ["0.weight", "0.bias", "1.bias", "4.weight", "4.bias", "5.bias", "6.weight"]
+    assert _names(biases_in, True) == adapted  # every bias, norm layers' too
+    imported = param_groups(small_model, exclude=["@test_groups:second_layer"])
+    assert _names(imported, True) == ["0.weight", "6.weight"]
+    for bad in ("@nope", "@lightning_tvlars.optim.groups:RULES", "@no.such.module:f"):
+        with pytest.raises(ValueError, match=r"selector '@.*' is invalid: expected one of @bias"):
+            param_groups(small_model, exclude=[bad])

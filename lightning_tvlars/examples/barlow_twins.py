@@ -20,9 +20,6 @@ Two modules:
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any
-
 import lightning.pytorch as pl
 import pytorch_lightning
 import torch
@@ -35,30 +32,26 @@ from torch.utils.data import DataLoader
 
 from lightning_tvlars.examples.classifier import encoder
 from lightning_tvlars.examples.mnist1d import NUM_CLASSES
-from lightning_tvlars.lightning import TVLARSConfig, TVLARSMixin, configure_tvlars
-from lightning_tvlars.optim.groups import GroupOverride, is_excluded_by_default
+from lightning_tvlars.lightning import TVLARSConfig, TVLARSMixin
+from lightning_tvlars.optim.groups import GroupOverride
 
 #: The defaults of ``BarlowTwins1D(tvlars=...)`` (a module-level instance: LightningCLI shows
 #: every field; the mixin copies it into each module's hyper-parameters).
 DEFAULT_TVLARS = TVLARSConfig()
 
 #: lightly's Barlow Twins recipe (benchmarks/imagenet/resnet50/barlowtwins.py) for TVLARS:
-#: ``lr`` 0.2 per 256 samples, weight decay 1.5e-6, and the online classifier neither decayed
-#: nor adapted, at the full learning rate. The biases' and norms' ``lr_scale`` is
-#: ``LightlyBarlowTwins1D(bias_norm_lr_scale=...)`` (see there).
+#: ``lr`` 0.2 per 256 samples, weight decay 1.5e-6, biases and normalization parameters at
+#: 0.0048 / 0.2 of the learning rate (``"@excluded"`` selects them by module type and name), and
+#: the online classifier neither decayed nor adapted, at the full learning rate.
 BARLOW_TWINS_TVLARS = TVLARSConfig(
     lr=0.2,
     base_batch_size=256,
     weight_decay=1.5e-6,
     overrides=[
-        GroupOverride(match="online_classifier.*", lr_scale=1.0, weight_decay=0.0, adapt=False)
+        GroupOverride(match="@excluded", lr_scale=0.024),
+        GroupOverride(match="online_classifier.*", lr_scale=1.0, weight_decay=0.0, adapt=False),
     ],
 )
-
-
-def is_bias_or_norm(name: str, parameter: nn.Parameter, module: nn.Module) -> bool:
-    """A selector (``GroupOverride.match``) for biases and normalization-layer parameters."""
-    return is_excluded_by_default(name.rsplit(".", 1)[-1], module)
 
 
 def augment(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -151,11 +144,8 @@ class LightlyBarlowTwins1D(TVLARSMixin, pytorch_lightning.LightningModule):
         width, blocks: encoder size (features are ``2 * width``).
         projection_dim: hidden and output size of the projection head.
         lambda_param: off-diagonal weight of the Barlow Twins loss.
-        bias_norm_lr_scale: learning-rate multiplier of biases and normalization parameters
-            (0.0048 / 0.2 in lightly's recipe). Applied in ``configure_optimizers`` as the first
-            override, with a selector by module type: a config holding a Python predicate could
-            not be written to YAML nor resumed from a checkpoint with ``weights_only=True``.
-        tvlars: the optimizer options; overrides in it take precedence over the one above.
+        tvlars: the optimizer options (lightly's recipe by default, see
+            ``BARLOW_TWINS_TVLARS``).
     """
 
     def __init__(
@@ -164,7 +154,6 @@ class LightlyBarlowTwins1D(TVLARSMixin, pytorch_lightning.LightningModule):
         blocks: int = 1,
         projection_dim: int = 256,
         lambda_param: float = 5e-3,
-        bias_norm_lr_scale: float = 0.024,
         tvlars: TVLARSConfig = BARLOW_TWINS_TVLARS,
     ) -> None:
         super().__init__()
@@ -198,8 +187,3 @@ class LightlyBarlowTwins1D(TVLARSMixin, pytorch_lightning.LightningModule):
         )
         self.log_dict(cls_log, prog_bar=True)
         return cls_loss
-
-    def configure_optimizers(self) -> Any:
-        config = self.tvlars_config
-        recipe = GroupOverride(match=[is_bias_or_norm], lr_scale=self.hparams["bias_norm_lr_scale"])
-        return configure_tvlars(self, replace(config, overrides=[recipe, *config.overrides]))

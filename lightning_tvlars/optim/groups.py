@@ -20,6 +20,7 @@ On top of the default split, :func:`param_groups` takes
 from __future__ import annotations
 
 import fnmatch
+import importlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -37,9 +38,12 @@ NORM_LAYERS: tuple[type[nn.Module], ...] = (
     nn.LocalResponseNorm,
 )
 
-#: A parameter selector: an ``fnmatch`` pattern over qualified names (``"encoder.*.bias"``) or a
-#: predicate ``(name, parameter, owning_module) -> bool``.
+#: A parameter selector: an ``fnmatch`` pattern over qualified names (``"encoder.*.bias"``), a
+#: rule by name (``"@bias"``, ``"@norm"``, ``"@excluded"``: both, ``"@package.module:function"``:
+#: a predicate to import), or a predicate ``(name, parameter, owning_module) -> bool``. Strings
+#: are what YAML files and checkpoints (``weights_only=True``) can hold.
 Selector: TypeAlias = str | Callable[[str, nn.Parameter, nn.Module], bool]
+Predicate: TypeAlias = Callable[[str, nn.Parameter, nn.Module], bool]
 
 
 @dataclass
@@ -77,6 +81,33 @@ class GroupOverride:
 def is_excluded_by_default(name: str, module: nn.Module) -> bool:
     """True for biases and for parameters of normalization layers."""
     return isinstance(module, NORM_LAYERS) or name.rsplit(".", 1)[-1] == "bias"
+
+
+#: The rules ``"@name"`` selectors name (see :data:`Selector`).
+RULES: dict[str, Predicate] = {
+    "bias": lambda name, p, m: name.rsplit(".", 1)[-1] == "bias",
+    "norm": lambda name, p, m: isinstance(m, NORM_LAYERS),
+    "excluded": lambda name, p, m: is_excluded_by_default(name, m),
+}
+
+
+def rule(selector: str) -> Predicate:
+    """The predicate of an ``"@..."`` selector: a rule of :data:`RULES` or an import path."""
+    key = selector[1:]
+    if key in RULES:
+        return RULES[key]
+    module, _, name = key.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), name) if name else None
+    except (ImportError, AttributeError, ValueError):
+        found = None
+    if not callable(found):
+        raise ValueError(
+            f"selector {selector!r} is invalid: expected one of "
+            f"{', '.join('@' + r for r in RULES)} or @package.module:function naming a "
+            "predicate (name, parameter, module) -> bool"
+        )
+    return found
 
 
 #: Name fragments that wrappers (FSDP1, activation checkpointing, torch.compile) insert.
@@ -125,6 +156,8 @@ def _hits(named: Named, selectors: Sequence[Selector], argument: str) -> set[int
     _check_selectors(selectors, argument)
     found: set[int] = set()
     for selector in selectors:
+        if isinstance(selector, str) and selector.startswith("@"):
+            selector = rule(selector)
         if isinstance(selector, str):
             matched = {i for i, (n, _, _) in enumerate(named) if fnmatch.fnmatchcase(n, selector)}
             if not matched:
