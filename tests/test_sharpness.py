@@ -412,9 +412,18 @@ def test_probing_does_not_change_training(tmp_path: Path, monkeypatch: pytest.Mo
     from the shuffled training set: none of that may leak into training or the logs. The DDP
     run (one gloo process) probes the unwrapped module while DDP's reducer owns the gradients.
     """
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # else DDP sets the thread count (and the bits)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # every run below with the one thread DDP will use: same bits
+    try:
+        _probing_leaves_training_unchanged(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _probing_leaves_training_unchanged(tmp_path: Path) -> None:
     from lightning.pytorch.strategies import DDPStrategy
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # else DDP sets the thread count (and the bits)
     plain, plain_rows = _fit(tmp_path / "plain", [], max_steps=6)
     for name, strategy in [("single", "auto"), ("ddp", DDPStrategy(process_group_backend="gloo"))]:
         probe = SharpnessProbe(every_n_steps=1, num_samples=24, iterations=3, trace_samples=2)
