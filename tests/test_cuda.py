@@ -99,7 +99,9 @@ def test_kernel_count_does_not_grow_with_the_number_of_layers() -> None:
         opt.step()
         _step_once(model, opt)
         counts.append(count_kernels(opt.step))
-    assert counts[0] == counts[1], counts
+    # 4x the tensors: no kernel per tensor. ATen's multi_tensor_apply starts one more launch
+    # when its argument list fills up (every ~100 tensors), as for SGD(foreach=True) itself.
+    assert counts[1] <= counts[0] + 4, counts
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA sync debug mode")

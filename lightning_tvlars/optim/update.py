@@ -90,6 +90,15 @@ def fused_layout(weight: Tensor, grad: Tensor, buffer: Tensor | None) -> bool:
     )
 
 
+def to_device(values: list[int], device: torch.device) -> Tensor:
+    """An int64 tensor of ``values`` on ``device``, copied without a host sync on CUDA
+    (from pinned memory, asynchronously)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def flat(t: Tensor) -> Tensor:
     """A dense tensor as the 1-D run of memory it occupies (its elements in memory order)."""
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
@@ -252,10 +261,10 @@ class Layout:
                 owners += [position] * blocks
                 offset += blocks * BLOCK
             matrix = buffer[:offset].view(-1, BLOCK) if workspace else buffer
-            owners_ = torch.tensor(owners, device=device)
+            owners_ = to_device(owners, device)
             batches.append(Batch([(p, j) for p, j, _ in chunk], ws, bs, views, matrix, owners_))
         pieces = any(j is not None for _, j, _ in entries)
-        owner = torch.tensor([p for p, _, _ in entries], device=device) if pieces else None
+        owner = to_device([p for p, _, _ in entries], device) if pieces else None
         return cls(cls.signature_of(tensors, order, workspace), order, batches, owner)
 
 
