@@ -86,7 +86,7 @@ def fused_layout(weight: Tensor, grad: Tensor, buffer: Tensor | None) -> bool:
         and grad.device == weight.device
         and grad.stride() == stride
         and (buffer is None or buffer.stride() == stride)
-        and is_dense(weight)
+        and (weight.is_contiguous() or is_dense(weight))
     )
 
 
