@@ -412,7 +412,7 @@ def _fp16_sharded_scaler(mesh: DeviceMesh, rank: int) -> dict[str, Any]:
 
     def backward(step: int) -> None:
         x, y = local_batch(step, (dp, 2), (tp, 2))
-        loss = nn.functional.mse_loss(model(x.float()), y.float())
+        loss = nn.functional.mse_loss(model(x.float()).float(), y.float())  # fp16 output
         (scaler.scale(loss) if step < 3 else loss).backward()
         if step in (1, 3) and rank == 3:
             local_tensor(model.up.weight.grad).view(-1)[0] = float("inf")

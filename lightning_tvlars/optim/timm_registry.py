@@ -40,7 +40,10 @@ def register_with_timm(name: str = "tvlars") -> None:
     try:
         from timm.optim._optim_factory import OptimInfo, default_registry
     except ImportError as err:  # pragma: no cover - timm is in the dev and bench extras
-        raise ImportError("register_with_timm needs timm: pip install timm") from err
+        raise ImportError(
+            "register_with_timm needs timm>=1.0.12 (its optimizer registry): "
+            "pip install -U 'timm>=1.0.12'"
+        ) from err
     if name in default_registry.list_optimizers():
         return
     default_registry.register(
