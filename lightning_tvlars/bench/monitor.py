@@ -117,3 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"time inside the monitor's hook: {1e3 * statistics.median(hook) / logs:.2f} ms per "
         f"log step, {100 * share:.2f}% of training time"
     )
+
+
+if __name__ == "__main__":
+    main()
