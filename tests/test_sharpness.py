@@ -413,6 +413,9 @@ def test_probing_does_not_change_training(tmp_path: Path, monkeypatch: pytest.Mo
     run (one gloo process) probes the unwrapped module while DDP's reducer owns the gradients.
     """
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # else DDP sets the thread count (and the bits)
+    # DDP's setup re-seeds from PL_GLOBAL_SEED when an earlier seed_everything left it set: the
+    # DDP run would then shuffle its batches in another order than the plain run
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # every run below with the one thread DDP will use: same bits
     try:
