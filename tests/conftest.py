@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,9 +13,17 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed() -> Iterator[None]:
+    """Seed every test, and let no test see the seed an earlier one left to Lightning.
+
+    ``seed_everything`` stores its seed in ``PL_GLOBAL_SEED``; strategies that set up a process
+    group re-seed from it, which would make a test's result depend on the tests before it.
+    """
+    os.environ.pop("PL_GLOBAL_SEED", None)
     random.seed(0)
     torch.manual_seed(0)
+    yield
+    os.environ.pop("PL_GLOBAL_SEED", None)
 
 
 @pytest.fixture
