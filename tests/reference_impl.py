@@ -29,9 +29,12 @@ class PlainTVLARS:
         self.buffers: dict[int, torch.Tensor] = {}
 
     def step(self, grads: dict[int, torch.Tensor]) -> None:
+        """``grads``: by ``id`` of the parameter; parameters missing from it are skipped."""
         phi = 1.0 if self.phase is None else phase_value(self.t, *self.phase)
         for group in self.groups:
             for w in group["params"]:
+                if id(w) not in grads:  # no gradient: not updated, as in torch.optim
+                    continue
                 g = grads[id(w)].double()
                 u = g + group["weight_decay"] * w.double()
                 if group["adapt"]:

@@ -879,6 +879,22 @@ def test_foreach_is_a_per_group_option_that_travels(foreach: bool | None) -> Non
     assert fresh.param_groups[0]["foreach"] is foreach
 
 
+def test_foreach_true_is_refused_where_torch_has_no_fused_kernels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As torch.optim refuses ``fused=True`` there; also when a group switches between steps."""
+    import lightning_tvlars.optim.update as update
+
+    monkeypatch.setattr(update, "_get_fused_kernels_supported_devices", lambda: ["cuda"])
+    w = nn.Parameter(torch.randn(3, 2))
+    w.grad = torch.randn(3, 2)
+    opt = TVLARS([w], lr=0.1)
+    opt.step()  # foreach=None: the per-tensor path
+    opt.param_groups[0]["foreach"] = True
+    with pytest.raises(ValueError, match=r"foreach=True.*\['cuda'\].*\['cpu'\]"):
+        opt.step()
+
+
 @PHASED
 def test_groups_may_choose_different_paths_in_one_optimizer(phased: bool) -> None:
     params = [nn.Parameter(torch.randn(5, 4)) for _ in range(2)]

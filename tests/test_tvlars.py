@@ -469,9 +469,74 @@ def test_cpu_batches_and_pieces_of_big_tensors_match_the_reference(
             p.grad = g.clone()
         opt.step()
         ref.step({id(p): g for p, g in zip(plain, grads, strict=True)})
-    assert max(len(layout.batches) for layout in opt._layouts._layouts.values()) > 2
+    assert max(len(layout.batches) for layout in opt._group_plans.layouts()) > 2
     for a, b in zip(ours, plain, strict=True):
         torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["cpu-batches", "accelerator-path"])
+def test_cached_plans_follow_what_changes_between_steps(
+    batched: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The split between the paths, the layouts and the workspaces are cached per group. Each
+    change a run can make between two steps must rebuild them: a gradient with other strides, a
+    parameter without a gradient, replaced storage, momentum buffers from a state dict or reset
+    by hand, a group option that needs a workspace. Every step stays exact."""
+    import lightning_tvlars.optim.update as update
+
+    if batched:
+        monkeypatch.setattr(update, "CPU_BATCH", 1000)  # (40, 30) is cut into pieces
+    else:
+        monkeypatch.setattr(update, "BATCHED_DEVICES", frozenset())
+    params = [torch.randn(s, dtype=torch.float64) for s in [(40, 30), (3,), (5, 6)]]
+    ours = [p.clone().requires_grad_() for p in params]
+    plain = [p.clone() for p in params]
+    opt = TVLARS(
+        [{"params": [ours[0], ours[2]]}, {"params": [ours[1]], "adapt": False, "weight_decay": 0}],
+        lr=0.5,
+        weight_decay=1e-2,
+        trust_coefficient=2e-2,
+        phase=SigmoidPhase(*PHASE),
+    )
+    common = {"lr": 0.5, "momentum": 0.9, "eta": 2e-2, "clip": None}
+    ref = PlainTVLARS(
+        [
+            {"params": [plain[0], plain[2]], "weight_decay": 1e-2, "adapt": True, **common},
+            {"params": [plain[1]], "weight_decay": 0.0, "adapt": False, **common},
+        ],
+        PHASE,
+    )
+
+    def column_major(g: torch.Tensor) -> torch.Tensor:
+        return g.t().contiguous().t()
+
+    # Every change comes after a step without one, so that it alone can trigger the rebuild.
+    for step in range(13):
+        gen = torch.Generator().manual_seed(200 + step)
+        grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+        given = dict(enumerate(grads))
+        if step == 2:
+            given[0] = column_major(grads[0])
+        if step == 4:
+            del given[2]
+        if step == 6:
+            ours[0].data = ours[0].data.clone()
+        if step == 7:
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        if step == 9:
+            opt.state.clear()  # momentum reset by hand: new buffers
+            ref.buffers.clear()
+        if step == 11:
+            opt.param_groups[1]["weight_decay"] = ref.groups[1]["weight_decay"] = 1e-2
+        for i, p in enumerate(ours):
+            p.grad = given[i].clone() if i in given else None
+        opt.step()
+        ref.step({id(plain[i]): grads[i] for i in given})
+        for a, b in zip(ours, plain, strict=True):
+            torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-12, msg=f"step {step}")
+            torch.testing.assert_close(  # the buffers the state dict saves are the ones updated
+                opt.state[a]["momentum_buffer"], ref.buffers[id(b)], rtol=1e-10, atol=1e-12
+            )
 
 
 @pytest.mark.parametrize("phase", [True, False])

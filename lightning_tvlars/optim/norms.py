@@ -41,13 +41,16 @@ except ImportError:  # pragma: no cover
     DTensor = None  # type: ignore[assignment,misc]
 
 
+_DTENSOR_TYPES: tuple[type, ...] = () if DTensor is None else (DTensor,)
+
+
 def is_dtensor(x: object) -> bool:
-    return DTensor is not None and isinstance(x, DTensor)
+    return isinstance(x, _DTENSOR_TYPES)
 
 
 def local_tensor(x: Tensor) -> Tensor:
     """The part of ``x`` stored on this rank (``x`` itself unless it is a DTensor)."""
-    return x.to_local() if is_dtensor(x) else x  # type: ignore[attr-defined]
+    return x.to_local() if isinstance(x, _DTENSOR_TYPES) else x  # type: ignore[attr-defined]
 
 
 def local_gradients(params: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 from lightning_tvlars._validation import (
     check_non_negative,
@@ -48,13 +47,12 @@ from lightning_tvlars.optim.norms import (
 )
 from lightning_tvlars.optim.stats import GroupRecord, StepRecord, TVLARSStepStats
 from lightning_tvlars.optim.update import (
+    GroupPlans,
     GroupTensors,
-    Layouts,
     MultiTensorUpdate,
     PlainUpdate,
     StepFlags,
     by_device_and_dtype,
-    fused_layout,
 )
 from lightning_tvlars.phase import SigmoidPhase
 
@@ -179,7 +177,7 @@ class TVLARS(Optimizer):
                 "step -> float, or None"
             )
         self.phase = phase
-        self._layouts = Layouts()
+        self._group_plans = GroupPlans()
         # A dict slot, not an attribute: torch.compile replays dict mutations of the optimizer
         # but drops attribute stores on it.
         self._last: dict[str, StepRecord] = {}
@@ -270,7 +268,7 @@ class TVLARS(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("phase", None)
-        self._layouts = Layouts()
+        self._group_plans = GroupPlans()
         self._last = {}
         self._fsdp1_groups = {}
         self._plans = {}
@@ -408,27 +406,27 @@ class TVLARS(Optimizer):
         with a gradient."""
         names = group.get("param_names")
         tensors = GroupTensors(group)
+        momentum = group["momentum"] != 0
         for i, p in enumerate(group["params"]):
-            weight = local_tensor(p)
-            if p.grad is not None:
-                grad = p.grad
-            elif id(p) in self._fsdp1_groups:
+            grad = p.grad
+            if grad is None:
+                if id(p) not in self._fsdp1_groups:
+                    continue
                 # FSDP1 leaves grad None where this rank's shard of p is empty: keep the list
                 # identical on all ranks so that the norm reduction matches everywhere.
-                grad = torch.zeros_like(weight)
-            else:
-                continue
+                grad = torch.zeros_like(local_tensor(p))
             tensors.params.append(p)
             tensors.names.append(names[i] if names else None)
-            tensors.weights.append(weight)
+            tensors.weights.append(local_tensor(p))
             tensors.grads.append(grad)
-            if group["momentum"] != 0:
+            if momentum:
                 state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(
+                buffer = state.get("momentum_buffer")
+                if buffer is None:
+                    buffer = state["momentum_buffer"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
-                tensors.buffers.append(local_tensor(state["momentum_buffer"]))
+                tensors.buffers.append(local_tensor(buffer))
         return tensors
 
     def _updates(self, tensors: GroupTensors) -> list[Update]:
@@ -436,32 +434,13 @@ class TVLARS(Optimizer):
 
         Multi-tensor (``foreach`` None or True) for every tensor whose layout the fused kernels
         take, one batch set per device and dtype; the elementwise path for the others, for
-        ``foreach=False``, for devices without fused kernels and under ``torch.compile``.
+        ``foreach=False``, for devices without fused kernels and under ``torch.compile``. The
+        split is cached per group and rebuilt when the tensors' storage or layout changes.
         """
-        everything = list(range(len(tensors.params)))
-        foreach = tensors.group["foreach"]
-        if torch.compiler.is_compiling() or foreach is False:
+        if torch.compiler.is_compiling() or tensors.group["foreach"] is False:
             # Inductor fuses the elementwise path; the fused kernel has no fake implementation.
-            return [PlainUpdate(tensors, everything)]
-        supported = _get_fused_kernels_supported_devices()
-        if foreach and any(tensors.weights[i].device.type not in supported for i in everything):
-            raise ValueError(
-                "foreach=True is invalid here: the multi-tensor path needs devices in "
-                f"{sorted(supported)}"
-            )
-        fused: list[int] = []
-        plain: list[int] = []
-        for i in everything:
-            w = tensors.weights[i]
-            ok = w.device.type in supported and fused_layout(w, tensors.grads[i], tensors.buffer(i))
-            (fused if ok else plain).append(i)
-        updates: list[Update] = [PlainUpdate(tensors, plain)] if plain else []
-        buckets = by_device_and_dtype([tensors.weights[i] for i in fused])
-        updates += [
-            MultiTensorUpdate(tensors, [fused[k] for k in bucket], self._layouts)
-            for bucket in buckets.values()
-        ]
-        return updates
+            return [PlainUpdate(tensors, list(range(len(tensors.params))))]
+        return self._group_plans.get(tensors).updates(tensors)
 
     def _phase_value(self, t: int, device: torch.device) -> float | Tensor:
         """phi(t): a host float in eager mode; a tensor op while ``torch.compile`` traces."""

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _get_fused_kernels_supported_devices
 
 from lightning_tvlars.optim.norms import accumulation_dtype
 
@@ -189,6 +190,7 @@ class Batch:
     views: list[Tensor]
     matrix: Tensor  # the batch's workspace as (blocks, BLOCK)
     owner: Tensor  # per block: the position (in the layout's order) of the tensor it holds
+    whole: list[int] | None  # the group's tensor indices, when the batch has no pieces
 
 
 @dataclass
@@ -201,14 +203,11 @@ class Layout:
             needed when big tensors are cut into pieces: their norms are then summed).
     """
 
-    signature: tuple[Any, ...]
     order: list[int]
     batches: list[Batch]
     owner: Tensor | None
-
-    @staticmethod
-    def signature_of(tensors: GroupTensors, order: list[int], workspace: bool) -> tuple[Any, ...]:
-        return (workspace, *((t.data_ptr(), t.shape, t.stride()) for t in _stable(tensors, order)))
+    workspace: bool  # False: plain momentum SGD, the fused kernel reads the gradients
+    batched: bool  # True: at most ``CPU_BATCH`` elements per batch (see MultiTensorUpdate)
 
     @classmethod
     def build(
@@ -262,17 +261,14 @@ class Layout:
                 offset += blocks * BLOCK
             matrix = buffer[:offset].view(-1, BLOCK) if workspace else buffer
             owners_ = to_device(owners, device)
-            batches.append(Batch([(p, j) for p, j, _ in chunk], ws, bs, views, matrix, owners_))
+            cut = any(j is not None for _, j, _ in chunk)
+            whole = None if cut else [order[p] for p, _, _ in chunk]
+            batches.append(
+                Batch([(p, j) for p, j, _ in chunk], ws, bs, views, matrix, owners_, whole)
+            )
         pieces = any(j is not None for _, j, _ in entries)
         owner = to_device([p for p, _, _ in entries], device) if pieces else None
-        return cls(cls.signature_of(tensors, order, workspace), order, batches, owner)
-
-
-def _stable(tensors: GroupTensors, order: list[int]) -> list[Tensor]:
-    """The tensors a layout keeps views of: weights and momentum buffers."""
-    return [tensors.weights[i] for i in order] + [
-        tensors.buffers[i] for i in order if tensors.buffers
-    ]
+        return cls(order, batches, owner, workspace, batch_size is not None)
 
 
 def _fused_momentum_step(
@@ -310,17 +306,11 @@ class MultiTensorUpdate:
     and no fresh output, which on CPU costs page faults).
     """
 
-    def __init__(self, tensors: GroupTensors, order: list[int], layouts: Layouts) -> None:
-        self.tensors, self.order = tensors, order
-        group = tensors.group
-        # Scaled or decayed updates need a workspace; plain momentum SGD reads the gradients.
-        self.workspace = group["adapt"] or group["weight_decay"] != 0
-        self.cpu = tensors.weights[order[0]].device.type in BATCHED_DEVICES
-        self.layout = layouts.get(
-            id(group), tensors, order, self.workspace, CPU_BATCH if self.cpu else None
-        )
+    def __init__(self, tensors: GroupTensors, layout: Layout) -> None:
+        self.tensors, self.layout, self.order = tensors, layout, layout.order
+        self.workspace, self.cpu = layout.workspace, layout.batched
         # On CPU with several batches, the shared workspace holds the last batch's u only.
-        self.recompute = self.cpu and self.workspace and len(self.layout.batches) > 1
+        self.recompute = self.cpu and self.workspace and len(layout.batches) > 1
         self._grads: list[list[Tensor]] = []
 
     def _batch_grads(self) -> list[list[Tensor]]:
@@ -329,6 +319,9 @@ class MultiTensorUpdate:
         pieces: dict[int, tuple[Tensor, ...]] = {}
         out = []
         for batch in self.layout.batches:
+            if batch.whole is not None:
+                out.append([t.grads[i] for i in batch.whole])
+                continue
             grads = []
             for position, piece in batch.pieces:
                 g = t.grads[order[position]]
@@ -394,24 +387,88 @@ class MultiTensorUpdate:
         self._grads = []
 
 
-class Layouts:
-    """The optimizer's cache of layouts and workspaces (scratch memory, never saved)."""
+def structure_key(tensors: GroupTensors) -> tuple[Any, ...]:
+    """What a group's :class:`GroupPlan` depends on, read in C-level maps each step.
+
+    The views a plan holds are fixed by where and how the weights and momentum buffers are
+    stored (replaced storage, a reshaped or re-typed weight, buffers loaded from a state dict);
+    the split between the paths by the gradients' strides (a gradient's dtype is its weight's);
+    the workspace and the device check by the group's options.
+    """
+    w, g, b, group = tensors.weights, tensors.grads, tensors.buffers, tensors.group
+    return (
+        group["foreach"],
+        group["adapt"] or group["weight_decay"] != 0,
+        tuple(map(Tensor.data_ptr, w)),
+        tuple(map(Tensor.size, w)),
+        tuple(map(Tensor.stride, w)),
+        tuple(map(_dtype, w)),
+        tuple(map(Tensor.stride, g)),
+        tuple(map(Tensor.data_ptr, b)),
+    )
+
+
+def _dtype(t: Tensor) -> torch.dtype:
+    return t.dtype
+
+
+@dataclass
+class GroupPlan:
+    """How one group's tensors are split between the implementations, with the layouts and
+    workspaces of the multi-tensor part. Built when the group's :func:`structure_key` changes,
+    so that a step does not check every tensor's layout again."""
+
+    key: tuple[Any, ...]
+    plain: list[int]  # tensors whose layout the fused kernels cannot take
+    layouts: list[Layout]  # the others, one layout per device and dtype
+
+    @classmethod
+    def build(cls, key: tuple[Any, ...], tensors: GroupTensors) -> GroupPlan:
+        """Split by layout (:func:`fused_layout`) and device (those with torch's fused
+        kernels), then cut each device and dtype into batches."""
+        group = tensors.group
+        devices = _get_fused_kernels_supported_devices()
+        others = {w.device.type for w in tensors.weights} - set(devices)
+        if group["foreach"] and others:
+            raise ValueError(
+                f"foreach=True needs tensors on devices with torch's fused kernels "
+                f"{sorted(devices)}, this group has tensors on {sorted(others)}; use foreach=None"
+            )
+        fused: list[int] = []
+        plain: list[int] = []
+        for i in range(len(tensors.weights)):
+            w = tensors.weights[i]
+            ok = w.device.type in devices and fused_layout(w, tensors.grads[i], tensors.buffer(i))
+            (fused if ok else plain).append(i)
+        workspace = group["adapt"] or group["weight_decay"] != 0
+        layouts = []
+        for (device, _), bucket in by_device_and_dtype([tensors.weights[i] for i in fused]).items():
+            batch_size = CPU_BATCH if device.type in BATCHED_DEVICES else None
+            order = [fused[k] for k in bucket]
+            layouts.append(Layout.build(tensors, order, workspace, batch_size))
+        return cls(key, plain, layouts)
+
+    def updates(self, tensors: GroupTensors) -> list[PlainUpdate | MultiTensorUpdate]:
+        """This step's updates of the group's tensors."""
+        updates: list[PlainUpdate | MultiTensorUpdate] = (
+            [PlainUpdate(tensors, self.plain)] if self.plain else []
+        )
+        return updates + [MultiTensorUpdate(tensors, layout) for layout in self.layouts]
+
+
+class GroupPlans:
+    """The optimizer's cache of group plans and their workspaces (scratch memory, never saved)."""
 
     def __init__(self) -> None:
-        self._layouts: dict[tuple[int, torch.device, torch.dtype], Layout] = {}
+        self._plans: dict[int, GroupPlan] = {}
 
-    def get(
-        self,
-        slot: int,
-        tensors: GroupTensors,
-        order: list[int],
-        workspace: bool,
-        batch_size: int | None,
-    ) -> Layout:
-        """The layout of this group's tensors of one device and dtype (rebuilt when they change)."""
-        first = tensors.weights[order[0]]
-        key = (slot, first.device, first.dtype)
-        layout = self._layouts.get(key)
-        if layout is None or layout.signature != Layout.signature_of(tensors, order, workspace):
-            layout = self._layouts[key] = Layout.build(tensors, order, workspace, batch_size)
-        return layout
+    def get(self, tensors: GroupTensors) -> GroupPlan:
+        """The plan of ``tensors.group`` for this step's tensors (rebuilt when they changed)."""
+        key = structure_key(tensors)
+        plan = self._plans.get(id(tensors.group))
+        if plan is None or plan.key != key:
+            plan = self._plans[id(tensors.group)] = GroupPlan.build(key, tensors)
+        return plan
+
+    def layouts(self) -> list[Layout]:
+        return [layout for plan in self._plans.values() for layout in plan.layouts]
