@@ -207,7 +207,7 @@ class Layout:
     batches: list[Batch]
     owner: Tensor | None
     workspace: bool  # False: plain momentum SGD, the fused kernel reads the gradients
-    batched: bool  # True: at most ``CPU_BATCH`` elements per batch (see MultiTensorUpdate)
+    batch_size: int | None  # at most this many elements per batch (CPU), or one batch
 
     @classmethod
     def build(
@@ -268,7 +268,7 @@ class Layout:
             )
         pieces = any(j is not None for _, j, _ in entries)
         owner = to_device([p for p, _, _ in entries], device) if pieces else None
-        return cls(order, batches, owner, workspace, batch_size is not None)
+        return cls(order, batches, owner, workspace, batch_size)
 
 
 def _fused_momentum_step(
@@ -308,14 +308,14 @@ class MultiTensorUpdate:
 
     def __init__(self, tensors: GroupTensors, layout: Layout) -> None:
         self.tensors, self.layout, self.order = tensors, layout, layout.order
-        self.workspace, self.cpu = layout.workspace, layout.batched
+        self.workspace, self.cpu = layout.workspace, layout.batch_size is not None
         # On CPU with several batches, the shared workspace holds the last batch's u only.
         self.recompute = self.cpu and self.workspace and len(layout.batches) > 1
         self._grads: list[list[Tensor]] = []
 
     def _batch_grads(self) -> list[list[Tensor]]:
         """This step's gradients (or their pieces), batch by batch."""
-        t, order = self.tensors, self.order
+        t, order, size = self.tensors, self.order, self.layout.batch_size
         pieces: dict[int, tuple[Tensor, ...]] = {}
         out = []
         for batch in self.layout.batches:
@@ -329,7 +329,7 @@ class MultiTensorUpdate:
                     grads.append(g)
                 else:
                     if position not in pieces:
-                        pieces[position] = flat(g).split(CPU_BATCH)
+                        pieces[position] = flat(g).split(size)
                     grads.append(pieces[position][piece])
             out.append(grads)
         return out
