@@ -288,7 +288,7 @@ class TVLARS(Optimizer):
         self._plans.clear()
 
     def _reduction_plan(self, params: list[Tensor]) -> ReductionPlan:
-        key = tuple(id(p) for p in params)
+        key = tuple(map(id, params))
         if key not in self._plans:
             self._plans.clear()  # one parameter set at a time: no growth
             self._plans[key] = ReductionPlan.build(params, self._fsdp1_groups)

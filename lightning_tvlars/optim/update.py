@@ -208,6 +208,7 @@ class Layout:
     owner: Tensor | None
     workspace: bool  # False: plain momentum SGD, the fused kernel reads the gradients
     batch_size: int | None  # at most this many elements per batch (CPU), or one batch
+    norm_dtype: torch.dtype  # see accumulation_dtype
 
     @classmethod
     def build(
@@ -268,7 +269,7 @@ class Layout:
             )
         pieces = any(j is not None for _, j, _ in entries)
         owner = to_device([p for p, _, _ in entries], device) if pieces else None
-        return cls(order, batches, owner, workspace, batch_size)
+        return cls(order, batches, owner, workspace, batch_size, accumulation_dtype(weights))
 
 
 def _fused_momentum_step(
@@ -353,7 +354,7 @@ class MultiTensorUpdate:
 
     def norms(self) -> tuple[Tensor, Tensor]:
         self._grads = self._batch_grads()
-        dtype = accumulation_dtype(self.layout.batches[0].weights)
+        dtype = self.layout.norm_dtype
         weight_norms: list[Tensor] = []
         update_norms: list[Tensor] = []
         for batch, grads in zip(self.layout.batches, self._grads, strict=True):
