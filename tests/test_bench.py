@@ -591,7 +591,9 @@ def test_quick_benchmark_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert len(_csv(tmp_path / "accuracy.csv")) == len(rows)
     (tmp_path / "accuracy.md").unlink()
     accuracy.main(["--quick", "--out", str(tmp_path), "--report-only"])
-    assert (tmp_path / "accuracy.md").read_text().count("| tvlars − ") == 2 * 3
+    page = (tmp_path / "accuracy.md").read_text()
+    assert page.count("| tvlars − ") == 2 * 3
+    assert f"Reproduce: `lightning-tvlars bench --quick --out {tmp_path}`" in page
 
 
 def test_time_budget_stops_launching_and_reports_partial_results(tmp_path: Path) -> None:

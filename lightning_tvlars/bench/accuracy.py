@@ -230,7 +230,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = args.device or preset.device
     jobs = args.jobs or (1 if args.quick else preset.jobs)
     out = args.out or Path("bench-quick" if args.quick else "docs/benchmarks")
-    command = " ".join(["lightning-tvlars bench", *(argv if argv is not None else sys.argv[1:])])
+    given = argv if argv is not None else sys.argv[1:]
+    # What produces the rows: a report-only rewrite names the command that ran them.
+    command = " ".join(["lightning-tvlars bench", *(a for a in given if a != "--report-only")])
     from lightning_tvlars.bench import report
     from lightning_tvlars.bench.runner import read_rows, run_protocol
 
