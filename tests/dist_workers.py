@@ -218,6 +218,7 @@ def fsdp1_worker(rank: int, world: int, port: int, use_orig_params: bool, out: s
     wrapped.zero_grad()
     opt = make_optimizer(wrapped)
     opt.attach_fsdp(wrapped)
+    opt.load_state_dict(opt.state_dict())  # as a resume does: the registration must stay
     counts = train_pair(wrapped, opt, reference, rank, replicas_per_batch=world)
     names = opt.param_groups[0]["param_names"]
     with FSDP.summon_full_params(wrapped):

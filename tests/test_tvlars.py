@@ -11,8 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference_impl import PlainTVLARS
+from torch import nn
 
 from lightning_tvlars import TVLARS, SigmoidPhase, param_groups, trust_ratio
+from lightning_tvlars.optim.groups import split_by_ndim
 
 PHASE = (1.0, 0.3, 2.0, 0.05)  # alpha, decay, delay, floor: phi changes a lot over 6 steps
 
@@ -537,6 +539,81 @@ def test_cached_plans_follow_what_changes_between_steps(
             torch.testing.assert_close(  # the buffers the state dict saves are the ones updated
                 opt.state[a]["momentum_buffer"], ref.buffers[id(b)], rtol=1e-10, atol=1e-12
             )
+
+
+def test_a_plan_is_not_reused_for_another_tensor_at_a_recycled_address() -> None:
+    """Storage swapped out of a parameter the plan holds can come back as another parameter's,
+    at the same address, size and strides: the plan must not update the old parameter."""
+    p = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    opt = TVLARS([p], lr=0.5, momentum=0.0, weight_decay=1e-2)  # no buffers in the key
+    p.grad = torch.randn_like(p)
+    opt.step()
+    old = p.data
+    p.data = torch.zeros(1, dtype=torch.float64)
+    q = nn.Parameter(old)  # same address, size and strides as p had
+    opt.param_groups[0]["params"] = [q]
+    q.grad = torch.randn_like(q)
+    expected = q.detach().clone()
+    common = {"lr": 0.5, "momentum": 0.0, "weight_decay": 1e-2, "eta": 1e-3, "clip": None}
+    PlainTVLARS([{"params": [expected], "adapt": True, **common}], None).step(
+        {id(expected): q.grad}
+    )
+    opt.step()
+    torch.testing.assert_close(q.detach(), expected, rtol=1e-12, atol=0)
+    assert p.detach().tolist() == [0.0]
+
+
+def test_plans_of_groups_that_leave_the_step_are_dropped() -> None:
+    """A removed group, a frozen one and one switched to the elementwise path release the
+    tensors and the workspace their plan held."""
+    import gc
+    import weakref
+
+    params = [nn.Parameter(torch.randn(6, 5)) for _ in range(4)]
+    opt = TVLARS([{"params": [p]} for p in params], lr=0.1)
+
+    def step() -> None:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if group.get("frozen") is None:
+                    p.grad = torch.randn_like(p)
+        opt.step()
+
+    step()
+    assert len(opt._group_plans.layouts()) == 4
+    removed = weakref.ref(params[3])
+    opt.state.pop(opt.param_groups.pop()["params"][0])  # torch.optim keeps state by parameter
+    del params[3]
+    opt.param_groups[2]["foreach"] = False
+    opt.param_groups[1]["frozen"] = True
+    params[1].grad = None
+    step()
+    gc.collect()
+    assert removed() is None
+    assert [layout.batches[0].weights[0] for layout in opt._group_plans.layouts()] == [params[0]]
+
+
+def test_buffers_of_another_dtype_take_the_elementwise_path() -> None:
+    """Weights cast after some steps (``model.to(dtype)``) keep buffers of the old dtype, which
+    the fused kernel cannot take: the step must match the elementwise path."""
+    torch.manual_seed(0)
+    params = [torch.randn(5, 4, dtype=torch.float64), torch.randn(7, dtype=torch.float64)]
+    runs = []
+    for foreach in (None, False):
+        ws = [nn.Parameter(p.clone()) for p in params]
+        opt = TVLARS(split_by_ndim(ws, 1e-2), lr=0.5, foreach=foreach)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(4):
+            if step == 2:
+                for w in ws:
+                    w.data = w.data.float()
+            for w in ws:
+                w.grad = torch.randn(w.shape, generator=gen, dtype=torch.float64).to(w.dtype)
+            opt.step()
+        assert all(opt.state[w]["momentum_buffer"].dtype == torch.float64 for w in ws)
+        runs.append(ws)
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("phase", [True, False])

@@ -266,11 +266,13 @@ class TVLARS(Optimizer):
         return {**super().__getstate__(), "phase": self.phase}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickling and copying build a new object; load_state_dict calls this on the live
+        # one, whose FSDP1 registration stays (its model is the same).
         super().__setstate__(state)
         self.__dict__.setdefault("phase", None)
+        self.__dict__.setdefault("_fsdp1_groups", {})
         self._group_plans = GroupPlans()
         self._last = {}
-        self._fsdp1_groups = {}
         self._plans = {}
         for group in self.param_groups:
             group.setdefault("step", 0)
@@ -339,7 +341,7 @@ class TVLARS(Optimizer):
         if grad_scale is not None:
             _unscale_([g for tensors in groups for g in tensors.grads], grad_scale)
 
-        updates = [self._updates(tensors) for tensors in groups]
+        updates = self._updates(groups)
         norms = [update.norms() for group_updates in updates for update in group_updates]
         ordered = [
             (tensors, [i for update in group_updates for i in update.order])
@@ -429,18 +431,25 @@ class TVLARS(Optimizer):
                 tensors.buffers.append(local_tensor(buffer))
         return tensors
 
-    def _updates(self, tensors: GroupTensors) -> list[Update]:
-        """Split a group between the implementations (see :mod:`~lightning_tvlars.optim.update`).
+    def _updates(self, groups: list[GroupTensors]) -> list[list[Update]]:
+        """Split each group between the implementations (see :mod:`~lightning_tvlars.optim.update`).
 
         Multi-tensor (``foreach`` None or True) for every tensor whose layout the fused kernels
         take, one batch set per device and dtype; the elementwise path for the others, for
         ``foreach=False``, for devices without fused kernels and under ``torch.compile``. The
         split is cached per group and rebuilt when the tensors' storage or layout changes.
         """
-        if torch.compiler.is_compiling() or tensors.group["foreach"] is False:
+        if torch.compiler.is_compiling():
             # Inductor fuses the elementwise path; the fused kernel has no fake implementation.
-            return [PlainUpdate(tensors, list(range(len(tensors.params))))]
-        return self._group_plans.get(tensors).updates(tensors)
+            return [[PlainUpdate(tensors, list(range(len(tensors.params))))] for tensors in groups]
+        multi = [tensors for tensors in groups if tensors.group["foreach"] is not False]
+        plans = iter(self._group_plans.plans(multi))
+        return [
+            [PlainUpdate(tensors, list(range(len(tensors.params))))]
+            if tensors.group["foreach"] is False
+            else next(plans).updates(tensors)
+            for tensors in groups
+        ]
 
     def _phase_value(self, t: int, device: torch.device) -> float | Tensor:
         """phi(t): a host float in eager mode; a tensor op while ``torch.compile`` traces."""

@@ -80,13 +80,21 @@ def is_dense(t: Tensor) -> bool:
 
 def fused_layout(weight: Tensor, grad: Tensor, buffer: Tensor | None) -> bool:
     """Whether the multi-tensor path may take this tensor: the fused kernel indexes weight,
-    gradient and buffer by memory position, so all must be dense with one layout and dtype."""
+    gradient and buffer by memory position, so all must be dense with one layout, dtype and
+    device."""
     stride = weight.stride()
     return (
         grad.dtype == weight.dtype
         and grad.device == weight.device
         and grad.stride() == stride
-        and (buffer is None or buffer.stride() == stride)
+        and (
+            buffer is None
+            or (
+                buffer.stride() == stride
+                and buffer.dtype == weight.dtype
+                and buffer.device == weight.device
+            )
+        )
         and (weight.is_contiguous() or is_dense(weight))
     )
 
@@ -388,6 +396,11 @@ class MultiTensorUpdate:
         self._grads = []
 
 
+def storage(weights: Sequence[Tensor], buffers: Sequence[Tensor]) -> tuple[tuple[int, ...], ...]:
+    """Where the weights and the momentum buffers are stored."""
+    return tuple(map(Tensor.data_ptr, weights)), tuple(map(Tensor.data_ptr, buffers))
+
+
 def structure_key(tensors: GroupTensors) -> tuple[Any, ...]:
     """What a group's :class:`GroupPlan` depends on, read in C-level maps each step.
 
@@ -398,14 +411,13 @@ def structure_key(tensors: GroupTensors) -> tuple[Any, ...]:
     """
     w, g, b, group = tensors.weights, tensors.grads, tensors.buffers, tensors.group
     return (
+        storage(w, b),
         group["foreach"],
         group["adapt"] or group["weight_decay"] != 0,
-        tuple(map(Tensor.data_ptr, w)),
         tuple(map(Tensor.size, w)),
         tuple(map(Tensor.stride, w)),
         tuple(map(_dtype, w)),
         tuple(map(Tensor.stride, g)),
-        tuple(map(Tensor.data_ptr, b)),
     )
 
 
@@ -422,6 +434,8 @@ class GroupPlan:
     key: tuple[Any, ...]
     plain: list[int]  # tensors whose layout the fused kernels cannot take
     layouts: list[Layout]  # the others, one layout per device and dtype
+    weights: list[Tensor]  # the tensors the layouts hold (or hold views of)
+    buffers: list[Tensor]
 
     @classmethod
     def build(cls, key: tuple[Any, ...], tensors: GroupTensors) -> GroupPlan:
@@ -447,7 +461,13 @@ class GroupPlan:
             batch_size = CPU_BATCH if device.type in BATCHED_DEVICES else None
             order = [fused[k] for k in bucket]
             layouts.append(Layout.build(tensors, order, workspace, batch_size))
-        return cls(key, plain, layouts)
+        return cls(key, plain, layouts, list(tensors.weights), list(tensors.buffers))
+
+    def fits(self, key: tuple[Any, ...]) -> bool:
+        """Built for this key, and the tensors it holds are still stored where the key says
+        (storage swapped out of a held tensor may be reused by another one, at the same
+        address)."""
+        return key == self.key and storage(self.weights, self.buffers) == key[0]
 
     def updates(self, tensors: GroupTensors) -> list[PlainUpdate | MultiTensorUpdate]:
         """This step's updates of the group's tensors."""
@@ -463,13 +483,19 @@ class GroupPlans:
     def __init__(self) -> None:
         self._plans: dict[int, GroupPlan] = {}
 
-    def get(self, tensors: GroupTensors) -> GroupPlan:
-        """The plan of ``tensors.group`` for this step's tensors (rebuilt when they changed)."""
-        key = structure_key(tensors)
-        plan = self._plans.get(id(tensors.group))
-        if plan is None or plan.key != key:
-            plan = self._plans[id(tensors.group)] = GroupPlan.build(key, tensors)
-        return plan
+    def plans(self, groups: Sequence[GroupTensors]) -> list[GroupPlan]:
+        """The plan of each group for this step's tensors, rebuilt where they changed. Plans
+        of groups not given (removed, frozen, switched to ``foreach=False``) are dropped, with
+        the tensors and workspaces they hold."""
+        plans: dict[int, GroupPlan] = {}
+        for tensors in groups:
+            key = structure_key(tensors)
+            plan = self._plans.get(id(tensors.group))
+            if plan is None or not plan.fits(key):
+                plan = GroupPlan.build(key, tensors)
+            plans[id(tensors.group)] = plan
+        self._plans = plans
+        return list(plans.values())
 
     def layouts(self) -> list[Layout]:
         return [layout for plan in self._plans.values() for layout in plan.layouts]
