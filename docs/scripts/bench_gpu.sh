@@ -4,6 +4,7 @@
 # installed: LIGHTNING_TVLARS_CACHE=.cache/data lightning-tvlars bench --preset gpu --prepare-data)
 # and the results go to $OUT (default bench-gpu): accuracy_gpu.csv/.md/.png/_sharpness.png and
 # the log. MAX_MINUTES (default 5): no run starts after it; the report is written either way.
+# The whole preset takes about an hour on an H200: run it again to resume (rows are kept).
 set -euo pipefail
 out=${OUT:-bench-gpu}
 mkdir -p "$out"

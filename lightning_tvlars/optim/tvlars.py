@@ -109,11 +109,12 @@ class TVLARS(Optimizer):
             ``step -> float``; ``None`` means phi == 1, i.e. plain LARS.
         norm_clip: if set (> 0), ``||w||`` and ``||u||`` are each clamped to at most this value
             before the ratio, as in the authors' code.
-        foreach: ``None`` (default) picks per device: the multi-tensor path on CUDA and other
-            accelerators (a fixed number of kernels whatever the number of tensors), the
-            cache-friendly per-tensor path on CPU. ``True`` and ``False`` force one of them.
-            Either way, tensors whose layout the fused kernels cannot take (views with gaps,
-            gradients with other strides than their parameter) take an elementwise path.
+        foreach: ``None`` (default) or ``True``: the multi-tensor path (a fixed number of
+            kernels whatever the number of tensors on CUDA, cache-sized batches on CPU);
+            ``True`` raises on devices without torch's fused kernels, where ``None`` takes the
+            elementwise path. ``False``: the elementwise reference path. Either way, tensors
+            whose layout the fused kernels cannot take (views with gaps, gradients with other
+            strides than their parameter) take the elementwise path.
 
     The step count t is stored in every parameter group (``group["step"]``), so it travels with
     ``state_dict()`` under every checkpointing scheme and loads with
