@@ -271,7 +271,10 @@ def one_line_error(message: str) -> str:
     option = re.search(r"Option '([^']+)' is not accepted", message)
     if option:
         return f"{flag}.{option.group(1)} is not an option (see --help)".lstrip(".")
-    given = re.findall(r"Given value: (.*)", message)
+    # "Given value: X" in recent jsonargparse releases, "... import path string: X" in older ones
+    given = re.findall(r"Given value: (.*)", message) or re.findall(
+        r"Expected a dot import path string: (.*)", message
+    )
     if "Expected a dot import path string" in message and flag == "--model":
         return (
             f"--model={given[-1].strip() if given else '?'} is invalid: expected one of "
