@@ -32,13 +32,12 @@ from lightning_tvlars._validation import check_positive_int
 from lightning_tvlars.lightning.config import TVLARSConfig
 from lightning_tvlars.lightning.configure import (
     Parameters,
-    batch_scale,
     build_groups,
     build_optimizer,
-    phase_for,
+    build_scheduler,
+    describe_plan,
 )
 from lightning_tvlars.lightning.run import RunFacts
-from lightning_tvlars.lightning.sync import describe_batch
 from lightning_tvlars.optim import TVLARS
 from lightning_tvlars.schedule import TVLARSScheduler
 
@@ -127,17 +126,6 @@ def configure_tvlars_fabric(
     wrapped = getattr(model, "_forward_module", None)
     if type(fabric.strategy).__name__ == "FSDPStrategy" and wrapped is not None:
         optimizer.attach_fsdp(wrapped)  # FSDP1 (use_orig_params=True): exact norms
-    scheduler = TVLARSScheduler(
-        optimizer,
-        total_steps=total_steps,
-        batch_scale=batch_scale(config, facts),
-        effective_batch_size=facts.effective_batch_size,
-        phase=phase_for(config, facts),
-        lr_schedule=config.lr_schedule,
-        final_lr_ratio=config.final_lr_ratio,
-    )
-    fabric.print(
-        describe_batch(facts, config.lr, config.lr * scheduler.plan.batch_scale, config)
-        + f" Plan: {scheduler.describe()}."
-    )
+    scheduler = build_scheduler(optimizer, config, facts)
+    fabric.print(describe_plan(scheduler, config, facts))
     return optimizer, scheduler

@@ -33,12 +33,7 @@ from lightning_tvlars.bench.protocol import ARMS, Arm, Preset, RunSpec, setting_
 from lightning_tvlars.examples.classifier import encoder
 from lightning_tvlars.examples.mnist1d import NUM_CLASSES, generate
 from lightning_tvlars.lightning.config import PhaseConfig, TVLARSConfig
-from lightning_tvlars.lightning.configure import (
-    batch_scale,
-    build_groups,
-    build_optimizer,
-    phase_for,
-)
+from lightning_tvlars.lightning.configure import build_groups, build_optimizer, build_scheduler
 from lightning_tvlars.lightning.run import RunFacts
 from lightning_tvlars.schedule import TVLARSScheduler
 from lightning_tvlars.sharpness import SharpnessReport, measure_sharpness
@@ -240,16 +235,7 @@ def optimizer_for(
     if arm.optimizer == "tvlars":
         config = tvlars_config(arm, spec, total)
         optimizer = build_optimizer(build_groups(model, config), config)
-        scheduler = TVLARSScheduler(
-            optimizer,
-            total_steps=total,
-            batch_scale=batch_scale(config, facts),
-            effective_batch_size=facts.effective_batch_size,
-            phase=phase_for(config, facts),
-            lr_schedule=config.lr_schedule,
-            final_lr_ratio=config.final_lr_ratio,
-        )
-        return optimizer, scheduler
+        return optimizer, build_scheduler(optimizer, config, facts)
     return baseline_schedule(model, baseline_config(arm, spec), facts)
 
 

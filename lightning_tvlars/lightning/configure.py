@@ -103,6 +103,26 @@ def batch_scale(config: Any, facts: RunFacts) -> float:
     return scaled_lr(1.0, facts.effective_batch_size, config.base_batch_size, config.lr_scaling)
 
 
+def build_scheduler(optimizer: Optimizer, config: TVLARSConfig, facts: RunFacts) -> TVLARSScheduler:
+    """The schedule ``config`` asks for on the run ``facts`` describes: batch-scaled learning
+    rate, annealing and phase."""
+    return TVLARSScheduler(
+        optimizer,
+        total_steps=facts.total_steps,
+        batch_scale=batch_scale(config, facts),
+        effective_batch_size=facts.effective_batch_size,
+        phase=phase_for(config, facts),
+        lr_schedule=config.lr_schedule,
+        final_lr_ratio=config.final_lr_ratio,
+    )
+
+
+def describe_plan(scheduler: TVLARSScheduler, config: TVLARSConfig, facts: RunFacts) -> str:
+    """The one-line log of a new schedule: the effective batch, the learning rate, the plan."""
+    lr = config.lr * scheduler.plan.batch_scale
+    return describe_batch(facts, config.lr, lr, config) + f" Plan: {scheduler.describe()}."
+
+
 def configure_tvlars(
     module: AnyLightningModule,
     config: TVLARSConfig | dict[str, Any] | None = None,
@@ -138,21 +158,10 @@ def configure_tvlars(
     facts = RunFacts.from_trainer(trainer, batch_size)
     optimizer = build_optimizer(build_groups(module, config, parameters), config)
     attach_sharding(optimizer, trainer)
-    scheduler = TVLARSScheduler(
-        optimizer,
-        total_steps=facts.total_steps,
-        batch_scale=batch_scale(config, facts),
-        effective_batch_size=facts.effective_batch_size,
-        phase=phase_for(config, facts),
-        lr_schedule=config.lr_schedule,
-        final_lr_ratio=config.final_lr_ratio,
-    )
+    scheduler = build_scheduler(optimizer, config, facts)
     ScheduleSync.register(trainer, scheduler, config, batch_size)
     guard_lr_sweeps(optimizer, scheduler, trainer)
-    rank_zero_info(
-        describe_batch(facts, config.lr, config.lr * scheduler.plan.batch_scale, config)
-        + f" Plan: {scheduler.describe()}."
-    )
+    rank_zero_info(describe_plan(scheduler, config, facts))
     return {
         "optimizer": optimizer,
         "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
