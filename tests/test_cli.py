@@ -287,26 +287,28 @@ def test_the_old_import_path_still_works() -> None:
 
 def test_first_run_is_quiet_and_ends_with_where_the_results_are(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "lightning_tvlars.cli"]
-    run = subprocess.run(
-        [
-            *command,
-            "fit",
-            "--data.num_samples=2000",
-            "--data.val_size=200",
-            "--data.batch_size=256",
-            "--model.width=8",
-            "--model.blocks=1",
-            "--trainer.max_steps=4",
-            "--trainer.log_every_n_steps=2",
-            "--trainer.enable_progress_bar=false",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+
+    def lightning_tvlars(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "lightning_tvlars.cli", *args],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    run = lightning_tvlars(
+        "fit",
+        "--data.num_samples=2000",
+        "--data.val_size=200",
+        "--data.batch_size=256",
+        "--model.width=8",
+        "--model.blocks=1",
+        "--trainer.max_steps=4",
+        "--trainer.log_every_n_steps=2",
+        "--trainer.enable_progress_bar=false",
     )
     assert run.returncode == 0, run.stderr[-3000:]
     output = run.stdout + run.stderr
@@ -318,15 +320,7 @@ def test_first_run_is_quiet_and_ends_with_where_the_results_are(tmp_path: Path) 
         "  lightning-tvlars plot lightning_logs/version_0",
         "  tensorboard --logdir lightning_logs",
     ]
-    plot = subprocess.run(
-        [*command, "plot", "lightning_logs/version_0", "--dpi", "40"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    plot = lightning_tvlars("plot", "lightning_logs/version_0", "--dpi", "40")
     assert plot.returncode == 0, plot.stderr[-3000:]
     png = tmp_path / plot.stdout.strip()
     assert png.name == "tvlars.png" and png.read_bytes()[:4] == b"\x89PNG"

@@ -55,18 +55,23 @@ def test_model_checkpoint_monitors_a_tvlars_metric(tmp_path: Path) -> None:
     assert float(metrics["tvlars/effective_batch_size"]) == 32
 
 
-def test_early_stopping_on_the_phase_stops_when_it_falls_below_a_threshold(
-    tmp_path: Path,
-) -> None:
-    # 6 epochs of 8 steps, phase fitted halfway at step 24: below 0.5 first at the end of
-    # epoch 4 (steps 24..31), whatever Trainer(log_every_n_steps) is.
-    stop = EarlyStopping(
+def stop_when_the_phase_is_below_half() -> EarlyStopping:
+    """Stops at the end of the first epoch in which the logged phase is below 0.5."""
+    return EarlyStopping(
         monitor="tvlars/phase",
         mode="min",
         stopping_threshold=0.5,
         check_on_train_epoch_end=True,
         patience=100,
     )
+
+
+def test_early_stopping_on_the_phase_stops_when_it_falls_below_a_threshold(
+    tmp_path: Path,
+) -> None:
+    # 6 epochs of 8 steps, phase fitted halfway at step 24: below 0.5 first at the end of
+    # epoch 4 (steps 24..31), whatever Trainer(log_every_n_steps) is.
+    stop = stop_when_the_phase_is_below_half()
     model = TinyRegressor(batch_size=32)
     trainer = _trainer(
         tmp_path, max_epochs=6, log_every_n_steps=50, callbacks=[TVLARSMonitor(), stop]
@@ -173,13 +178,7 @@ def test_early_stopping_on_a_tvlars_metric_under_ddp_sees_it_on_every_rank(
     from lightning_tvlars import FittedPhase
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    stop = EarlyStopping(
-        monitor="tvlars/phase",
-        mode="min",
-        stopping_threshold=0.5,
-        check_on_train_epoch_end=True,
-        patience=100,
-    )
+    stop = stop_when_the_phase_is_below_half()
     trainer = _trainer(
         tmp_path,
         devices=2,
