@@ -442,11 +442,11 @@ class TVLARS(Optimizer):
         """
         if torch.compiler.is_compiling():
             # Inductor fuses the elementwise path; the fused kernel has no fake implementation.
-            return [[PlainUpdate(tensors, list(range(len(tensors.params))))] for tensors in groups]
+            return [[PlainUpdate(tensors)] for tensors in groups]
         multi = [tensors for tensors in groups if tensors.group["foreach"] is not False]
         plans = iter(self._group_plans.plans(multi))
         return [
-            [PlainUpdate(tensors, list(range(len(tensors.params))))]
+            [PlainUpdate(tensors)]
             if tensors.group["foreach"] is False
             else next(plans).updates(tensors)
             for tensors in groups

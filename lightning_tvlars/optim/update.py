@@ -147,8 +147,10 @@ class StepFlags:
 class PlainUpdate:
     """Elementwise ops per tensor: any layout, any device, and the path Inductor fuses."""
 
-    def __init__(self, tensors: GroupTensors, order: list[int]) -> None:
-        self.tensors, self.order = tensors, order
+    def __init__(self, tensors: GroupTensors, order: list[int] | None = None) -> None:
+        """``order``: the group's tensors this path takes (all of them by default)."""
+        self.tensors = tensors
+        self.order = list(range(len(tensors.params))) if order is None else order
         self._updates: list[Tensor] = []
 
     def norms(self) -> tuple[Tensor, Tensor]:
@@ -396,6 +398,12 @@ class MultiTensorUpdate:
         self._grads = []
 
 
+def needs_workspace(group: dict[str, Any]) -> bool:
+    """Scaled or decayed updates are formed in a workspace; plain momentum SGD (neither
+    adapted nor decayed) hands the gradients to the fused kernel."""
+    return bool(group["adapt"] or group["weight_decay"] != 0)
+
+
 def storage(weights: Sequence[Tensor], buffers: Sequence[Tensor]) -> tuple[tuple[int, ...], ...]:
     """Where the weights and the momentum buffers are stored."""
     return tuple(map(Tensor.data_ptr, weights)), tuple(map(Tensor.data_ptr, buffers))
@@ -413,7 +421,7 @@ def structure_key(tensors: GroupTensors) -> tuple[Any, ...]:
     return (
         storage(w, b),
         group["foreach"],
-        group["adapt"] or group["weight_decay"] != 0,
+        needs_workspace(group),
         tuple(map(Tensor.size, w)),
         tuple(map(Tensor.stride, w)),
         tuple(map(_dtype, w)),
@@ -455,7 +463,7 @@ class GroupPlan:
             w = tensors.weights[i]
             ok = w.device.type in devices and fused_layout(w, tensors.grads[i], tensors.buffer(i))
             (fused if ok else plain).append(i)
-        workspace = group["adapt"] or group["weight_decay"] != 0
+        workspace = needs_workspace(group)
         layouts = []
         for (device, _), bucket in by_device_and_dtype([tensors.weights[i] for i in fused]).items():
             batch_size = CPU_BATCH if device.type in BATCHED_DEVICES else None
