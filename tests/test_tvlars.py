@@ -437,23 +437,28 @@ def test_bad_group_values_and_types_are_refused() -> None:
         TVLARS([p], lr=0.1, phase=3)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cpu_batches_and_pieces_of_big_tensors_match_the_reference(
-    weight_decay: float, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype, weight_decay: float, momentum: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On CPU the multi-tensor path works batch by batch and cuts big tensors into pieces:
-    with a tiny batch size every case (several batches, pieces, a 0-d tensor) is exact."""
+    with a tiny batch size every case (several batches, pieces, a 0-d tensor) is exact in
+    float64 (the scale is multiplied) and within float32 rounding of the float64 reference in
+    float32 (the fused kernel divides by its reciprocal)."""
     import lightning_tvlars.optim.update as update
 
     monkeypatch.setattr(update, "CPU_BATCH", 1000)
     shapes = [(40, 30), (7,), (3000,), (5, 5, 3, 3), (), (2500, 1), (10,)]
     params = [torch.randn(s, dtype=torch.float64) for s in shapes]
-    ours = [p.clone().requires_grad_() for p in params]
+    ours = [p.to(dtype).requires_grad_() for p in params]
     plain = [p.clone() for p in params]
-    common = {"lr": 0.5, "momentum": 0.9, "eta": 2e-2, "clip": None}
+    common = {"lr": 0.5, "momentum": momentum, "eta": 2e-2, "clip": None}
     opt = TVLARS(
         [{"params": ours[:5]}, {"params": ours[5:], "adapt": False}],
         lr=0.5,
+        momentum=momentum,
         weight_decay=weight_decay,
         trust_coefficient=2e-2,
         phase=SigmoidPhase(*PHASE),
@@ -468,12 +473,35 @@ def test_cpu_batches_and_pieces_of_big_tensors_match_the_reference(
     for step in range(4):
         grads = _grads(params, step)
         for p, g in zip(ours, grads, strict=True):
-            p.grad = g.clone()
+            p.grad = g.to(dtype)
         opt.step()
         ref.step({id(p): g for p, g in zip(plain, grads, strict=True)})
     assert max(len(layout.batches) for layout in opt._group_plans.layouts()) > 2
+    tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {}
     for a, b in zip(ours, plain, strict=True):
-        torch.testing.assert_close(a.detach(), b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(a.detach(), b.to(dtype), **tolerance)
+
+
+@pytest.mark.parametrize("cpu_batch", [1000, 1 << 20], ids=["several-batches", "one-batch"])
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_a_step_leaves_the_gradients_as_they_were(
+    weight_decay: float, cpu_batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fused kernel writes ``u / grad_scale`` back into the tensor it reads: on CPU that
+    tensor must be the workspace, never the gradient, with and without weight decay."""
+    import lightning_tvlars.optim.update as update
+
+    monkeypatch.setattr(update, "CPU_BATCH", cpu_batch)
+    params = [nn.Parameter(torch.randn(s)) for s in [(40, 30), (7,), (5, 5, 3, 3)]]
+    opt = TVLARS(split_by_ndim(params, weight_decay), lr=0.5, phase=SigmoidPhase(*PHASE))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        for p, g in zip(params, grads, strict=True):
+            assert torch.equal(p.grad, g)
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["cpu-batches", "accelerator-path"])

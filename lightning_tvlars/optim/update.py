@@ -14,9 +14,12 @@ does not grow with the number of tensors. ``u`` is formed in a workspace in whic
 starts on a ``BLOCK`` boundary: the per-tensor scale is then one broadcast multiply of the
 workspace seen as ``(blocks, BLOCK)`` by a per-block factor, followed by torch's fused
 momentum-SGD kernel. On accelerators the whole group is one batch and the workspace keeps ``u``
-between the phases. On CPU a batch holds at most ``CPU_BATCH`` elements (tensors larger than
-that are cut into 1-D pieces), phase 2 forms ``u`` again while the batch is in cache, and one
-batch-sized workspace serves all batches: each tensor is streamed about 7 times per step
+between the phases. On CPU, where memory traffic sets the pace, a batch holds at most
+``CPU_BATCH`` elements (tensors larger than that are cut into 1-D pieces) and one batch-sized
+workspace serves all batches: phase 1 reads ``w`` and ``u`` for the norms while they are in
+cache, phase 2 forms ``u`` again, walking the batches backwards (the last ones phase 1 read are
+still in cache), and hands the scale to the fused kernel as the ``grad_scale`` it divides by,
+which saves a pass over ``u``. Each tensor is read from memory about 7 times per step
 (``SGD(fused=True)``: 5). Groups that are not adapted and not decayed need no workspace at all:
 the fused kernel reads the gradients directly.
 
@@ -288,8 +291,10 @@ def _fused_momentum_step(
     buffers: list[Tensor],
     group: dict[str, Any],
     found_inf: Tensor,
+    grad_scale: Tensor | None = None,
 ) -> None:
-    """``b = m b + u; w -= lr b`` in torch's fused SGD kernel; a no-op if ``found_inf``."""
+    """``b = m b + u / grad_scale; w -= lr b`` in torch's fused SGD kernel (which writes
+    ``u / grad_scale`` back into ``u``); a no-op if ``found_inf``."""
     torch._fused_sgd_(
         weights,
         updates,
@@ -301,7 +306,7 @@ def _fused_momentum_step(
         nesterov=False,
         maximize=False,
         is_first_step=False,  # buffers start at zero: m * 0 + u == u
-        grad_scale=None,
+        grad_scale=grad_scale,
         found_inf=found_inf,
     )
 
@@ -309,12 +314,13 @@ def _fused_momentum_step(
 class MultiTensorUpdate:
     """A fixed number of multi-tensor operations per batch (see the module docstring).
 
-    ``u`` is formed in a block workspace, so that the per-tensor scale is one broadcast
-    multiply. On accelerators it is formed once, with fast-route multi-tensor operations, and
-    kept between the phases. On CPU, where multi-tensor operations are loops anyway, one
-    batch-sized workspace serves every batch: ``u`` is formed again in phase 2 while the batch
-    is in cache, one ``torch.add(..., out=)`` per entry (two passes less than copy then add,
-    and no fresh output, which on CPU costs page faults).
+    ``u`` is formed in a block workspace. On accelerators it is formed once, with fast-route
+    multi-tensor operations, kept between the phases, and the per-tensor scale is one broadcast
+    multiply. On CPU, where multi-tensor operations are loops anyway, one batch-sized workspace
+    serves every batch: ``u`` is formed with one ``torch.add(..., out=)`` per entry (two passes
+    less than copy then add, and no fresh output, which on CPU costs page faults), again in
+    phase 2, and the fused kernel of each entry divides it by the reciprocal of its scale
+    (float32 tensors; the kernel reads ``grad_scale`` as float32, so float64 ones multiply).
     """
 
     def __init__(self, tensors: GroupTensors, layout: Layout) -> None:
@@ -322,6 +328,7 @@ class MultiTensorUpdate:
         self.workspace, self.cpu = layout.workspace, layout.batch_size is not None
         # On CPU with several batches, the shared workspace holds the last batch's u only.
         self.recompute = self.cpu and self.workspace and len(layout.batches) > 1
+        self.divide = self.cpu and layout.norm_dtype == torch.float32
         self._grads: list[list[Tensor]] = []
 
     def _batch_grads(self) -> list[list[Tensor]]:
@@ -381,20 +388,29 @@ class MultiTensorUpdate:
         return w, u
 
     def apply(self, scale: Tensor | None, flags: StepFlags) -> None:
-        t = self.tensors
+        group = self.tensors.group
         device = self.layout.batches[0].owner.device
         found_inf = flags.found_inf(device)
         if scale is not None:
             scale = scale.to(device, non_blocking=True)
-        for batch, grads in zip(self.layout.batches, self._grads, strict=True):
+        inverse = scale.float().reciprocal().unbind() if scale is not None and self.divide else ()
+        # Backwards: on CPU the batches that phase 1 read last are still in cache.
+        for batch, grads in reversed(list(zip(self.layout.batches, self._grads, strict=True))):
             updates = (
                 self._form_updates(batch, grads)
                 if self.recompute
                 else (batch.views if self.workspace else grads)
             )
+            if inverse:
+                buffers = [[b] for b in batch.buffers] or [[]] * len(updates)
+                for (position, _), w, u, b in zip(
+                    batch.pieces, batch.weights, updates, buffers, strict=True
+                ):
+                    _fused_momentum_step([w], [u], b, group, found_inf, inverse[position])
+                continue
             if scale is not None:
                 batch.matrix.mul_(scale.index_select(0, batch.owner).unsqueeze(1))
-            _fused_momentum_step(batch.weights, updates, batch.buffers, t.group, found_inf)
+            _fused_momentum_step(batch.weights, updates, batch.buffers, group, found_inf)
         self._grads = []
 
 
