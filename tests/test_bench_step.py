@@ -67,3 +67,24 @@ def test_the_command_writes_the_table_and_figure_after_each_set(tmp_path: Path) 
     assert "### tiny (5 tensors)" in text and "### layers8 (32 tensors)" in text
     assert "| TVLARS compiled (compile" in text and "vs SGD fused" in text
     assert (tmp_path / "step_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_reference_of_the_ratios_is_measured_when_not_asked_for(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    step.main(["--device=cpu", "--sets=tiny", "--optimizers", "TVLARS", "--repeats=2"])
+    table = capsys.readouterr().out
+    assert "| SGD foreach | " in table and "| TVLARS | " in table
+
+
+def test_processes_report_the_median_of_fresh_processes_and_their_range(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["--device=cpu", "--sets=tiny", "--optimizers", "TVLARS", "--repeats=3"]
+    step.main([*argv, "--processes=2"])
+    table = capsys.readouterr().out
+    assert "in each of 2 fresh processes" in table
+    row = next(line for line in table.splitlines() if line.startswith("| TVLARS | "))
+    median, spread = row.split(" | ")[1].split(" ", 1)
+    low, high = (float(x) for x in spread.strip("()").split("-"))
+    assert low <= float(median) <= high

@@ -16,6 +16,12 @@ Per step it also reports:
 * extra memory (CUDA): peak allocated during the step minus allocated before it;
 * state: optimizer state bytes / parameter bytes (SGD with momentum: 1.0).
 
+On a shared CPU the state of a process (where the allocator placed the tensors, whether it
+recycles the memory of temporaries) moves every step time by 10-30 % from one process to the
+next, more than the differences between LARS-type steps. ``--processes N`` repeats the whole
+measurement in N fresh processes, one after the other, and reports the median of their medians
+with the range.
+
 Rows are printed as they are measured; with ``--out`` the markdown table and a figure are
 written after each parameter set, so an interrupted run keeps what it measured.
 """
@@ -23,12 +29,14 @@ written after each parameter set, so an interrupted run keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import platform
 import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +178,7 @@ class Result:
     extra_memory_mb: float | None = None
     sync_free: bool | None = None
     compile_s: float | None = None
+    range_ms: tuple[float, float] | None = None  # over processes (``--processes``)
 
 
 def _sync(device: str) -> None:
@@ -273,6 +282,42 @@ def measure(
     return [results[name] for name in names]
 
 
+def _measure_with_threads(
+    names: Sequence[str], shapes: Sequence[torch.Size], device: str, repeats: int, threads: int
+) -> list[Result]:
+    torch.set_num_threads(threads)
+    return measure(names, shapes, device, repeats)
+
+
+def measure_in_processes(
+    names: Sequence[str],
+    shapes: Sequence[torch.Size],
+    device: str,
+    repeats: int,
+    processes: int,
+) -> list[Result]:
+    """:func:`measure` in ``processes`` fresh processes (spawned one after the other, with this
+    process's thread count): per optimizer the median of their medians, and their range."""
+    context = multiprocessing.get_context("spawn")
+    threads = torch.get_num_threads()
+    runs = []
+    for _ in range(processes):
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            args = (names, shapes, device, repeats, threads)
+            runs.append(pool.submit(_measure_with_threads, *args).result())
+    combined = []
+    for results in zip(*runs, strict=True):
+        medians = [r.median_ms for r in results]
+        combined.append(
+            replace(
+                results[0],
+                median_ms=statistics.median(medians),
+                range_ms=(min(medians), max(medians)),
+            )
+        )
+    return combined
+
+
 def _cell(value: object, fmt: str = "{}") -> str:
     return "n/a" if value is None else fmt.format(value)
 
@@ -297,9 +342,10 @@ def markdown(results: dict[str, list[Result]], device: str, environment: str) ->
             syncs = _cell(r.host_syncs)
             if r.sync_free is not None:
                 syncs += " (sync-debug: " + ("none" if r.sync_free else "SYNC") + ")"
+            spread = f" ({r.range_ms[0]:.3f}-{r.range_ms[1]:.3f})" if r.range_ms else ""
             cells = [
                 f"{r.optimizer}{extra}",
-                f"{r.median_ms:.3f}",
+                f"{r.median_ms:.3f}{spread}",
                 f"{r.median_ms / base:.2f}x",
                 f"{r.median_ms / fused:.2f}x" if fused else "n/a",
                 _cell(r.ops),
@@ -337,13 +383,16 @@ def plot(results: dict[str, list[Result]], device: str, path: Path) -> None:
     plt.close(fig)
 
 
-def environment(device: str) -> str:
+def environment(device: str, repeats: int, processes: int = 1) -> str:
     text = (
         f"torch {torch.__version__}, {platform.machine()} {platform.processor() or ''}, "
         f"{torch.get_num_threads()} CPU thread(s)"
     )
     if device.startswith("cuda"):
         text += f", {torch.cuda.get_device_name()}"
+    text += f"; median of {repeats} interleaved steps"
+    if processes > 1:
+        text += f" in each of {processes} fresh processes: the median of the medians (range)"
     return text
 
 
@@ -356,32 +405,50 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--sets", nargs="+", default=["resnet50", "vit_b_16", "lm"], choices=PARAMETER_SETS
     )
     parser.add_argument(
-        "--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS), choices=list(OPTIMIZERS)
+        "--optimizers",
+        nargs="+",
+        default=list(DEFAULT_OPTIMIZERS),
+        choices=list(OPTIMIZERS),
+        help="SGD foreach, the reference of the ratios, is always measured",
     )
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="measure in this many fresh processes: median of their medians (range)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write step_<device>.md/.png here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if "SGD foreach" not in args.optimizers:
+        args.optimizers.insert(0, "SGD foreach")
     device_name = args.device.split(":")[0]
     results: dict[str, list[Result]] = {}
     for param_set in args.sets:
-        results[param_set] = measure(
-            args.optimizers, parameter_shapes(param_set), args.device, args.repeats
-        )
+        shapes = parameter_shapes(param_set)
+        if args.processes > 1:
+            results[param_set] = measure_in_processes(
+                args.optimizers, shapes, args.device, args.repeats, args.processes
+            )
+        else:
+            results[param_set] = measure(args.optimizers, shapes, args.device, args.repeats)
         for r in results[param_set]:
             print(
                 f"{param_set:>9} {r.optimizer:>18}: {r.median_ms:9.3f} ms  ops {_cell(r.ops):>5}  "
                 f"kernels {_cell(r.kernels):>5}  syncs {_cell(r.host_syncs):>3}",
                 flush=True,
             )
-        text = markdown(results, device_name, environment(args.device))
+        text = markdown(
+            results, device_name, environment(args.device, args.repeats, args.processes)
+        )
         if args.out:  # after every set: an interrupted run keeps what it measured
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"step_{device_name}.md").write_text(text)
             plot(results, device_name, args.out / f"step_{device_name}.png")
-    print(markdown(results, device_name, environment(args.device)))
+    print(markdown(results, device_name, environment(args.device, args.repeats, args.processes)))
 
 
 if __name__ == "__main__":
