@@ -504,6 +504,21 @@ def test_a_step_leaves_the_gradients_as_they_were(
             assert torch.equal(p.grad, g)
 
 
+def test_a_zero_phase_freezes_the_adapted_tensors_on_every_path() -> None:
+    """phi = 0 makes the scale 0; on the CPU multi-tensor path the fused kernel divides by its
+    reciprocal (inf), which must still give a zero update, as the multiply does."""
+    weights = [torch.randn(6, 5), torch.randn(4, 3, 3, 3), torch.randn(7)]
+    for foreach in (None, False):
+        params = [nn.Parameter(w.clone()) for w in weights]
+        opt = TVLARS(split_by_ndim(params, 1e-2), lr=0.5, phase=lambda t: 0.0, foreach=foreach)
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+        assert torch.equal(params[0].detach(), weights[0])
+        assert torch.equal(params[1].detach(), weights[1])
+        assert not torch.equal(params[2].detach(), weights[2])  # not adapted: plain SGD
+
+
 @pytest.mark.parametrize("batched", [True, False], ids=["cpu-batches", "accelerator-path"])
 def test_cached_plans_follow_what_changes_between_steps(
     batched: bool, monkeypatch: pytest.MonkeyPatch
