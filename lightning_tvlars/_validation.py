@@ -54,6 +54,15 @@ def check_open_interval(name: str, value: Any, low: float, high: float) -> float
     return float(value)
 
 
+def check_non_negative_int(name: str, value: Any) -> int:
+    """``value`` must be an int >= 0 (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r} is invalid: expected an int, got {type(value).__name__}")
+    if value < 0:
+        raise _fail(name, value, "an int >= 0")
+    return value
+
+
 def check_positive_int(name: str, value: Any) -> int:
     """``value`` must be an int > 0 (bools are refused)."""
     if isinstance(value, bool) or not isinstance(value, int):

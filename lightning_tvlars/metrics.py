@@ -77,7 +77,12 @@ def compile_name_filter(name_filter: NameFilter) -> Callable[[str], bool] | None
     if name_filter is None:
         return None
     if isinstance(name_filter, str):
-        name_filter = re.compile(name_filter)
+        try:
+            name_filter = re.compile(name_filter)
+        except re.error as err:
+            raise ValueError(
+                f"name_filter={name_filter!r} is invalid: expected a regular expression ({err})"
+            ) from err
     if isinstance(name_filter, re.Pattern):
         pattern = name_filter
         return lambda name: pattern.search(name) is not None

@@ -102,6 +102,18 @@ def test_every_tvlars_option_is_a_flag_and_yaml_round_trips(
             "--model=Nope is invalid: expected one of MNIST1DClassifier, BarlowTwins1D, GAN1D or "
             "the import path of a LightningModule",
         ),
+        # values that only the classes' own checks catch, while the run is being built
+        ("--data.batch_size=0", "--data.batch_size=0 is invalid: expected an int > 0"),
+        (
+            "--data.num_samples=10",
+            "--data.val_size=5000 is invalid: expected 0 < val_size < 80% of num_samples=10",
+        ),
+        ("--model.width=0", "--model.width=0 is invalid: expected an int > 0"),
+        (
+            "--monitor.name_filter=[",
+            "--monitor.name_filter='[' is invalid: expected a regular expression "
+            "(unterminated character set at position 0)",
+        ),
     ],
 )
 def test_a_bad_value_is_one_line_naming_the_flag_the_value_and_what_is_allowed(
@@ -324,3 +336,20 @@ def test_first_run_is_quiet_and_ends_with_where_the_results_are(tmp_path: Path) 
     assert plot.returncode == 0, plot.stderr[-3000:]
     png = tmp_path / plot.stdout.strip()
     assert png.name == "tvlars.png" and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_fast_dev_run_names_no_checkpoint_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """fast_dev_run writes no checkpoint: the closing summary must not point to one."""
+    monkeypatch.chdir(tmp_path)
+    fit_main(
+        [
+            "fit",
+            *SMALL,
+            "--trainer.fast_dev_run=true",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    assert "Checkpoints:" not in capsys.readouterr().out
+    assert not list(tmp_path.rglob("*.ckpt"))

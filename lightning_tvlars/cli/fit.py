@@ -171,6 +171,22 @@ class TVLARSCLI(LightningCLI):
                 except (ValueError, TypeError) as err:
                     self._exit_with(flag_error(f"model.{name}", str(err)))
 
+    def instantiate_classes(self) -> None:
+        """A bad value that only the class's own checks catch (``--data.batch_size 0``) ends
+        the command with one line naming the flag, not a traceback."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            # jsonargparse re-raises a subclass's error as the cause of its own report
+            chain = [err]
+            while isinstance(chain[-1].__cause__, (ValueError, TypeError)):
+                chain.append(chain[-1].__cause__)
+            for cause in reversed(chain):
+                section = _raising_section(cause)
+                if section is not None:
+                    self._exit_with(flag_error(section, str(cause)))
+            raise
+
     def after_instantiate_classes(self) -> None:
         """A mixin model's patterns (select, exclude, include, overrides) must match its
         parameters: check them before training, to name the flag."""
@@ -202,6 +218,25 @@ class TVLARSCLI(LightningCLI):
         """Say where the run's logs and checkpoints are and how to look at them."""
         if self.trainer.is_global_zero:
             print(run_summary(self.trainer), flush=True)
+
+
+def _raising_section(err: BaseException) -> str | None:
+    """The config section (``data``, ``model``, ``monitor``) whose class raised ``err`` while
+    being built: the innermost ``self`` of the traceback that is one of those classes."""
+    sections = (
+        (pl.LightningDataModule, "data"),
+        (pl.LightningModule, "model"),
+        (TVLARSMonitor, "monitor"),
+    )
+    found = None
+    frame = err.__traceback__
+    while frame is not None:
+        owner = frame.tb_frame.f_locals.get("self")
+        for cls, name in sections:
+            if isinstance(owner, cls):
+                found = name
+        frame = frame.tb_next
+    return found
 
 
 def tvlars_parameters(model_class: Callable[..., Any]) -> list[str]:
@@ -300,12 +335,13 @@ def run_summary(trainer: pl.Trainer) -> str:
     for logger, log_dir in logs:
         lines.append(f"Logs ({type(logger).__name__.removesuffix('Logger')}): {_short(log_dir)}")
     checkpoint = trainer.checkpoint_callback
-    if checkpoint is not None and getattr(checkpoint, "dirpath", None):
+    dirpath = getattr(checkpoint, "dirpath", None)
+    if dirpath and os.path.isdir(dirpath):  # fast_dev_run and the like write none
         best = getattr(checkpoint, "best_model_path", "") or getattr(
             checkpoint, "last_model_path", ""
         )
         lines.append(
-            f"Checkpoints: {_short(checkpoint.dirpath)}"  # type: ignore[attr-defined]
+            f"Checkpoints: {_short(dirpath)}"
             + (f" (best: {os.path.basename(best)})" if best else "")
         )
     monitors = [c for c in trainer.callbacks if isinstance(c, TVLARSMonitor)]  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
+from lightning_tvlars._validation import check_non_negative_int, check_positive_int
 from lightning_tvlars.examples.mnist1d import NUM_CLASSES
 from lightning_tvlars.lightning import TVLARSConfig, TVLARSMixin
 
@@ -32,6 +33,8 @@ class ResidualBlock1d(nn.Module):
 
 def encoder(width: int = 32, blocks: int = 2) -> nn.Sequential:
     """Conv stem, residual blocks, two poolings; outputs ``(batch, 2 * width)`` features."""
+    check_positive_int("width", width)
+    check_non_negative_int("blocks", blocks)
     return nn.Sequential(
         nn.Conv1d(1, width, 5, padding=2, bias=False),
         nn.BatchNorm1d(width),

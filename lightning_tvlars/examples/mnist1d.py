@@ -140,7 +140,8 @@ class MNIST1DDataModule(pl.LightningDataModule):
         check_positive_int("num_samples", num_samples)
         if not 0 < val_size < 0.8 * num_samples:
             raise ValueError(
-                f"val_size={val_size!r} is invalid: expected 0 < val_size < 80% of num_samples"
+                f"val_size={val_size!r} is invalid: expected 0 < val_size < 80% of "
+                f"num_samples={num_samples!r}"
             )
         self.save_hyperparameters()
         self.batch_size = batch_size
