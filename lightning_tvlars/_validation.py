@@ -7,7 +7,10 @@ number > 0``.
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -77,3 +80,55 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise _fail(name, value, "one of " + ", ".join(repr(c) for c in choices))
     return str(value)
+
+
+# ------------------------------------------------------------------ command-line arguments
+# argparse prints "argument --repeats: 0 is invalid: expected an integer >= 1".
+
+
+def int_argument(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is invalid: expected an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+def positive_float_argument(text: str) -> float:
+    """An argparse ``type``: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is invalid: expected a finite number > 0")
+    return value
+
+
+def device_argument(text: str) -> str:
+    """An argparse ``type``: a torch device string (``cpu``, ``cuda``, ``cuda:1``)."""
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"{text} is invalid: expected a torch device such as cpu, cuda or cuda:1"
+        ) from None
+    return text
+
+
+def missing_modules(needs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """``(what, module)`` pairs whose module cannot be imported, as ``module -> [what, ...]``."""
+    missing: dict[str, list[str]] = {}
+    for what, module in needs:
+        if importlib.util.find_spec(module) is None:
+            missing.setdefault(module, []).append(what)
+    return missing

@@ -678,3 +678,44 @@ def test_gpu_preset_code_path_on_cpu_with_workers_and_without_lightly(tmp_path: 
     assert "Barlow Twins (linear-probe test accuracy)" in page
     assert "Classification" not in page
     assert not (out / "curves.png").exists()  # the curves are a CPU figure
+
+
+def test_the_command_refuses_bad_arguments_before_running_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    def error(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            accuracy.main(list(argv))
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.splitlines()[-1].split("error: ", 1)[1]
+
+    assert error("--quick", "--jobs=0") == "argument --jobs: 0 is invalid: expected an integer >= 1"
+    assert error("--max-minutes=-1") == (
+        "argument --max-minutes: -1 is invalid: expected a finite number > 0"
+    )
+    assert error("--report-only", f"--out={tmp_path}") == (
+        f"--report-only: no {tmp_path}/accuracy.csv to write the report from (--out {tmp_path})"
+    )
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "timm" else find_spec(name)
+    )
+    assert error("--quick", f"--out={tmp_path}") == (
+        "the arms lamb-warmup-cosine need timm: pip install 'lightning-tvlars[bench]'"
+    )
+    assert not list(tmp_path.iterdir())  # nothing was run or written
+
+
+def test_bench_monitor_refuses_a_run_without_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_tvlars.bench import monitor
+
+    with pytest.raises(SystemExit) as exit_info:
+        monitor.main(["--steps=0"])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith("error: argument --steps: 0 is invalid: expected an integer >= 1")
+    )

@@ -88,3 +88,44 @@ def test_processes_report_the_median_of_fresh_processes_and_their_range(
     median, spread = row.split(" | ")[1].split(" ", 1)
     low, high = (float(x) for x in spread.strip("()").split("-"))
     assert low <= float(median) <= high
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--repeats=0"], "argument --repeats: 0 is invalid: expected an integer >= 1"),
+        (["--processes=-3"], "argument --processes: -3 is invalid: expected an integer >= 1"),
+        (["--threads=x"], "argument --threads: x is invalid: expected an integer >= 1"),
+        (
+            ["--device=tpu"],
+            "argument --device: tpu is invalid: expected a torch device such as cpu, cuda or "
+            "cuda:1",
+        ),
+    ],
+)
+def test_bad_arguments_are_refused_naming_the_flag_and_what_is_allowed(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        step.main(["--sets=tiny", *argv])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
+
+
+def test_optimizers_whose_package_is_missing_are_refused_before_measuring(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "timm" else find_spec(name)
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        step.main(["--sets=tiny", "--optimizers", "TVLARS", "timm Lars", "timm Lamb"])
+    assert exit_info.value.code == 2
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line.endswith(
+        "error: timm Lars, timm Lamb need timm: pip install 'lightning-tvlars[bench]', "
+        "or choose others with --optimizers"
+    )

@@ -232,6 +232,14 @@ def test_top_level_help_lists_every_command(
     assert set(EXTRA_COMMANDS) == {"bench", "bench-step", "bench-monitor", "plot"}
 
 
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_tvlars import __version__
+
+    main([flag])
+    assert capsys.readouterr().out == f"lightning-tvlars {__version__}\n"
+
+
 def test_model_choice_trains_barlow_twins_with_yaml_overrides(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

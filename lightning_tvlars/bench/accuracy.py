@@ -33,6 +33,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from lightning_tvlars._validation import (
+    device_argument,
+    int_argument,
+    missing_modules,
+    positive_float_argument,
+)
 from lightning_tvlars.bench.protocol import ARMS, PRESETS, TASKS, Preset, cell_state
 
 CURVE_ARMS = ("tvlars", "lars-warmup-cosine")
@@ -170,11 +176,14 @@ def _parser() -> argparse.ArgumentParser:
         help="run and report only these of the preset's tasks (default: all of them)",
     )
     parser.add_argument(
-        "--device", default=None, help="cpu, cuda or cuda:N (default: the preset's)"
+        "--device",
+        type=device_argument,
+        default=None,
+        help="cpu, cuda or cuda:N (default: the preset's)",
     )
     parser.add_argument(
         "--jobs",
-        type=int,
+        type=int_argument(1),
         default=None,
         metavar="N",
         help="runs in parallel worker processes, one torch thread each (default: the "
@@ -182,14 +191,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-minutes",
-        type=float,
+        type=positive_float_argument,
         default=None,
         metavar="M",
         help="start no run after M minutes, then write the report from what is there",
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=int_argument(1),
         default=1,
         help="torch threads of the runs made in this process (--jobs 1, and the curves); "
         "workers always use one (default: 1)",
@@ -209,7 +218,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     preset = PRESETS[args.preset]
@@ -224,12 +234,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         path = prepare_data(preset)
         print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB)")
         return
+    out = args.out or Path("bench-quick" if args.quick else "docs/benchmarks")
+    path = out / f"{preset.stem}.csv"
+    if args.report_only and not path.exists():
+        parser.error(f"--report-only: no {path} to write the report from (--out {out})")
+    if not args.report_only:
+        arms = {arm for task in preset.tasks for arm in preset.arms[task]}
+        needs = [(arm, "timm") for arm in sorted(arms) if ARMS[arm].optimizer == "timm-lamb"]
+        missing = missing_modules(needs)
+        if missing:
+            parser.error(
+                f"the arms {', '.join(missing['timm'])} need timm: "
+                "pip install 'lightning-tvlars[bench]'"
+            )
     import torch
 
     torch.set_num_threads(args.threads)
     device = args.device or preset.device
     jobs = args.jobs or (1 if args.quick else preset.jobs)
-    out = args.out or Path("bench-quick" if args.quick else "docs/benchmarks")
     given = argv if argv is not None else sys.argv[1:]
     # What produces the rows: a report-only rewrite names the command that ran them.
     command = " ".join(["lightning-tvlars bench", *(a for a in given if a != "--report-only")])
@@ -237,7 +259,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     from lightning_tvlars.bench.runner import read_rows, run_protocol
 
     started = time.perf_counter()
-    path = out / f"{preset.stem}.csv"
     failures: list[str] = []
     if args.report_only:
         rows = read_rows(path)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 import torch
 
+from lightning_tvlars._validation import int_argument
 from lightning_tvlars.examples.classifier import MNIST1DClassifier
 from lightning_tvlars.examples.mnist1d import MNIST1DDataModule
 from lightning_tvlars.lightning import TVLARSConfig, TVLARSMonitor
@@ -81,11 +82,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="lightning-tvlars bench-monitor", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--log-every-n-steps", type=int, default=50, help="Lightning's default")
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--steps", type=int_argument(1), default=150, help="steps per run (default: 150)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int_argument(1),
+        default=5,
+        help="pairs of runs, with and without the monitor, alternating (default: 5)",
+    )
+    parser.add_argument(
+        "--log-every-n-steps",
+        type=int_argument(1),
+        default=50,
+        help="the trainer's logging interval (default: 50, Lightning's)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int_argument(1), default=512, help="batch size (default: 512)"
+    )
+    parser.add_argument(
+        "--threads", type=int_argument(1), default=None, help="torch threads (default: torch's)"
+    )
     args = parser.parse_args(argv)
     for name in ("lightning.pytorch", "lightning.fabric"):  # one line per run instead
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_tvlars import TVLARS, SigmoidPhase
+from lightning_tvlars._validation import device_argument, int_argument, missing_modules
 from lightning_tvlars.optim.groups import split_by_ndim
 
 WEIGHT_DECAY = 5e-4
@@ -156,6 +157,8 @@ OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
     "timm Lars": _timm("Lars", momentum=0.9),
     "timm Lamb": _timm("Lamb"),
 }
+#: The optimizers that need a package beyond the core dependencies.
+NEEDS = {"timm Lars": "timm", "timm Lamb": "timm"}
 DEFAULT_OPTIMIZERS = (
     "SGD foreach",
     "SGD fused",
@@ -400,9 +403,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="lightning-tvlars bench-step", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--sets", nargs="+", default=["resnet50", "vit_b_16", "lm"], choices=PARAMETER_SETS
+        "--device",
+        type=device_argument,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the parameters live (default: cuda when available, else cpu)",
+    )
+    parser.add_argument(
+        "--sets",
+        nargs="+",
+        default=["resnet50", "vit_b_16", "lm"],
+        choices=PARAMETER_SETS,
+        help="parameter sets (default: resnet50 vit_b_16 lm)",
     )
     parser.add_argument(
         "--optimizers",
@@ -411,16 +423,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         choices=list(OPTIMIZERS),
         help="SGD foreach, the reference of the ratios, is always measured",
     )
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--repeats",
+        type=int_argument(1),
+        default=20,
+        help="timed steps per optimizer, interleaved (default: 20)",
+    )
     parser.add_argument(
         "--processes",
-        type=int,
+        type=int_argument(1),
         default=1,
-        help="measure in this many fresh processes: median of their medians (range)",
+        help="measure in this many fresh processes: median of their medians, and their range "
+        "(default: 1, this process)",
     )
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--threads", type=int_argument(1), default=None, help="torch threads (default: torch's)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write step_<device>.md/.png here")
     args = parser.parse_args(argv)
+    missing = missing_modules((name, NEEDS[name]) for name in args.optimizers if name in NEEDS)
+    if missing:
+        parser.error(
+            "; ".join(
+                f"{', '.join(names)} need{'s' if len(names) == 1 else ''} {module}"
+                for module, names in missing.items()
+            )
+            + ": pip install 'lightning-tvlars[bench]', or choose others with --optimizers"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     if "SGD foreach" not in args.optimizers:

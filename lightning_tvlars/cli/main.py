@@ -32,7 +32,7 @@ NOISE_LOG_PREFIXES = ("💡 Tip:",)
 
 
 def _epilog() -> str:
-    lines = ["other commands (each has its own --help):"]
+    lines = ["other commands (each has its own --help; --version prints the version):"]
     lines += [f"  {name:<15} {about}" for name, (_, about) in EXTRA_COMMANDS.items()]
     lines += [
         "",
@@ -68,6 +68,11 @@ def silence_known_noise() -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``lightning-tvlars``."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args in (["--version"], ["-V"]):
+        from lightning_tvlars import __version__
+
+        print(f"lightning-tvlars {__version__}")
+        return
     if args and args[0] in EXTRA_COMMANDS:
         module, function = EXTRA_COMMANDS[args[0]][0].split(":")
         getattr(importlib.import_module(module), function)(args[1:])
