@@ -136,6 +136,18 @@ def test_parent_directory_picks_the_newest_run(runs: dict) -> None:
     assert newest["tvlars/lr"][0][1] == pytest.approx(3.0 * 16 / 256)  # run 2's learning rate
 
 
+def test_a_run_that_logged_no_metrics_is_named_with_the_likely_reason(tmp_path: Path) -> None:
+    run = tmp_path / "lightning_logs" / "version_0"
+    run.mkdir(parents=True)
+    (run / "hparams.yaml").write_text("{}\n")  # what CSVLogger leaves when nothing was logged
+    with pytest.raises(ValueError) as info:
+        find_logs(tmp_path)
+    assert str(info.value).endswith(
+        f"({run} is a Lightning run that logged no metrics: a run shorter than the trainer's "
+        "log_every_n_steps logs none)"
+    )
+
+
 def test_no_log_or_no_tvlars_metric_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such file"):
         find_logs(tmp_path / "missing")

@@ -123,10 +123,18 @@ def find_logs(path: str | Path) -> list[Path]:
         )
     runs = _runs_below(path, SEARCH_DEPTH)
     if not runs:
+        empty = [p.parent for p in path.glob("**/hparams.yaml")]
+        hint = (
+            f" ({empty[0]} is a Lightning run that logged no metrics: a run "
+            "shorter than the trainer's log_every_n_steps logs none)"
+            if empty
+            else ""
+        )
         raise ValueError(
             f"{path}: no {CSV_NAME} or TensorBoard {EVENTS_GLOB} file in it or up to "
             f"{SEARCH_DEPTH} levels below; expected a Lightning log directory (e.g. "
             "lightning_logs/version_0), a directory above such runs, or the log file itself"
+            f"{hint}"
         )
     return sorted(runs, key=_age)
 
