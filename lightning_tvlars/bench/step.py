@@ -29,6 +29,7 @@ written after each parameter set, so an interrupted run keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import platform
 import statistics
@@ -388,7 +389,8 @@ def plot(results: dict[str, list[Result]], device: str, path: Path) -> None:
 
 def environment(device: str, repeats: int, processes: int = 1) -> str:
     text = (
-        f"torch {torch.__version__}, {platform.machine()} {platform.processor() or ''}, "
+        f"torch {torch.__version__}, "
+        f"{' '.join(filter(None, (platform.machine(), platform.processor())))}, "
         f"{torch.get_num_threads()} CPU thread(s)"
     )
     if device.startswith("cuda"):
@@ -452,6 +454,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Notices of the compiled step that say nothing about the measurement (the step's profiler
+    # range is dropped from the graph; no CUDA toolkit on a CPU machine).
+    for name in ("torch._dynamo", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if "SGD foreach" not in args.optimizers:
         args.optimizers.insert(0, "SGD foreach")
     device_name = args.device.split(":")[0]

@@ -112,7 +112,7 @@ class BarlowTwins1D(TVLARSMixin, pl.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("val/loss", self._loss(batch[0]), prog_bar=True)
+        self.log("val/loss", self._loss(batch[0]), prog_bar=True, sync_dist=True)
 
     @torch.no_grad()
     def features(self, loader: DataLoader) -> tuple[Tensor, Tensor]:

@@ -86,7 +86,8 @@ class MNIST1DClassifier(TVLARSMixin, pl.LightningModule):
         loss = nn.functional.cross_entropy(logits, y)
         accuracy = cast(torchmetrics.Metric, self.metrics[f"{stage}_"])
         accuracy(logits, y)
-        self.log(f"{stage}/loss", loss, prog_bar=stage != "test")
+        # validation and test losses are epoch means: averaged over the ranks too under DDP
+        self.log(f"{stage}/loss", loss, prog_bar=stage != "test", sync_dist=stage != "train")
         self.log(f"{stage}/acc", accuracy, prog_bar=True, on_epoch=True, on_step=False)
         return loss
 
