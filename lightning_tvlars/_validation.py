@@ -101,14 +101,14 @@ def int_argument(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def positive_float_argument(text: str) -> float:
-    """An argparse ``type``: a finite number > 0."""
+def non_negative_float_argument(text: str) -> float:
+    """An argparse ``type``: a finite number >= 0."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text} is invalid: expected a finite number > 0")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is invalid: expected a finite number >= 0")
     return value
 
 

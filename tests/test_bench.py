@@ -599,7 +599,9 @@ def test_quick_benchmark_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
 def test_time_budget_stops_launching_and_reports_partial_results(tmp_path: Path) -> None:
     accuracy.main(["--quick", "--out", str(tmp_path), "--max-minutes", "0", "--no-curves"])
     assert not (tmp_path / "accuracy.csv").exists()
-    assert "Partial results" in (tmp_path / "accuracy.md").read_text()
+    assert "Partial results**: the protocol is not complete (the run was stopped or its time " in (
+        (tmp_path / "accuracy.md").read_text()
+    )
 
 
 def test_a_setup_error_stops_after_the_first_failures(tmp_path: Path) -> None:
@@ -611,6 +613,10 @@ def test_a_setup_error_stops_after_the_first_failures(tmp_path: Path) -> None:
     assert rows == [] and len(failures) == 1
     assert "exceeds the 700 training samples" in failures[0]
     assert "all failed: no more runs are started" in lines[-1]
+    page = report.write_report(
+        preset, rows, tmp_path, command="c", environment="e", failures=failures
+    ).read_text()
+    assert "the protocol is not complete (1 run(s) failed, listed below)" in page
 
 
 def test_an_old_csv_or_another_presets_rows_are_refused(tmp_path: Path) -> None:
@@ -693,7 +699,7 @@ def test_the_command_refuses_bad_arguments_before_running_anything(
 
     assert error("--quick", "--jobs=0") == "argument --jobs: 0 is invalid: expected an integer >= 1"
     assert error("--max-minutes=-1") == (
-        "argument --max-minutes: -1 is invalid: expected a finite number > 0"
+        "argument --max-minutes: -1 is invalid: expected a finite number >= 0"
     )
     assert error("--report-only", f"--out={tmp_path}") == (
         f"--report-only: no {tmp_path}/accuracy.csv to write the report from (--out {tmp_path})"

@@ -37,7 +37,7 @@ from lightning_tvlars._validation import (
     device_argument,
     int_argument,
     missing_modules,
-    positive_float_argument,
+    non_negative_float_argument,
 )
 from lightning_tvlars.bench.protocol import ARMS, PRESETS, TASKS, Preset, cell_state
 
@@ -191,7 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-minutes",
-        type=positive_float_argument,
+        type=non_negative_float_argument,
         default=None,
         metavar="M",
         help="start no run after M minutes, then write the report from what is there",

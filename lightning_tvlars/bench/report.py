@@ -436,9 +436,13 @@ def write_report(
         "",
     ]
     if not complete:
+        why = (
+            f"{len(failures)} run(s) failed, listed below"
+            if failures
+            else "the run was stopped or its time budget was spent"
+        )
         text += [
-            "**Partial results**: the protocol is not complete (the run was stopped or its time "
-            "budget was spent); cells with fewer than "
+            f"**Partial results**: the protocol is not complete ({why}); cells with fewer than "
             f"{preset.eval_seeds} evaluation seeds are shown with what they have.",
             "",
         ]
