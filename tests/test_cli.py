@@ -361,3 +361,23 @@ def test_a_fast_dev_run_names_no_checkpoint_folder(
     )
     assert "Checkpoints:" not in capsys.readouterr().out
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_the_summary_starts_with_the_last_validation_metrics() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from lightning_tvlars.cli.fit import run_summary
+
+    metrics = {"val/loss": 0.05, "val/acc": 0.98761, "train/loss": 1.0, "val/per_class": [1, 2]}
+    trainer = SimpleNamespace(
+        callback_metrics={k: torch.tensor(v) for k, v in metrics.items()},
+        loggers=[],
+        checkpoint_callback=None,
+        callbacks=[],
+        log_every_n_steps=50,
+    )
+    assert run_summary(trainer).splitlines()[0] == "Last validation: val/acc 0.9876, val/loss 0.05"
+    trainer.callback_metrics = {"train/loss": torch.tensor(1.0)}  # no validation ran
+    assert "Last validation" not in run_summary(trainer)

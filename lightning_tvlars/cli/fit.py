@@ -329,8 +329,18 @@ def _short(path: str | os.PathLike[str]) -> str:
 
 
 def run_summary(trainer: pl.Trainer) -> str:
-    """Where a finished run's logs and checkpoints are, and the commands to look at them."""
+    """The last validation metrics of a finished run, where its logs and checkpoints are, and
+    the commands to look at them."""
     lines = []
+    validation = {
+        name: float(value)
+        for name, value in trainer.callback_metrics.items()
+        if name.startswith("val/") and getattr(value, "numel", lambda: 1)() == 1
+    }
+    if validation:
+        lines.append(
+            "Last validation: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(validation.items()))
+        )
     logs = [(lg, str(lg.log_dir)) for lg in trainer.loggers if getattr(lg, "log_dir", None)]
     for logger, log_dir in logs:
         lines.append(f"Logs ({type(logger).__name__.removesuffix('Logger')}): {_short(log_dir)}")
