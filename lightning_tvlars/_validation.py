@@ -57,22 +57,23 @@ def check_open_interval(name: str, value: Any, low: float, high: float) -> float
     return float(value)
 
 
-def check_non_negative_int(name: str, value: Any) -> int:
-    """``value`` must be an int >= 0 (bools are refused)."""
+def _check_int(name: str, value: Any, minimum: int, allowed: str) -> int:
+    """``value`` must be an int >= ``minimum`` (bools are refused)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}={value!r} is invalid: expected an int, got {type(value).__name__}")
-    if value < 0:
-        raise _fail(name, value, "an int >= 0")
+    if value < minimum:
+        raise _fail(name, value, allowed)
     return value
+
+
+def check_non_negative_int(name: str, value: Any) -> int:
+    """``value`` must be an int >= 0 (bools are refused)."""
+    return _check_int(name, value, 0, "an int >= 0")
 
 
 def check_positive_int(name: str, value: Any) -> int:
     """``value`` must be an int > 0 (bools are refused)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}={value!r} is invalid: expected an int, got {type(value).__name__}")
-    if value <= 0:
-        raise _fail(name, value, "an int > 0")
-    return value
+    return _check_int(name, value, 1, "an int > 0")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
