@@ -90,6 +90,33 @@ def test_processes_report_the_median_of_fresh_processes_and_their_range(
     assert low <= float(median) <= high
 
 
+def test_ratios_pair_the_steps_of_each_process() -> None:
+    """Process 1 is twice as slow for everything: paired, TVLARS is 0.5x of the peer in both
+    processes; the ratio of the medians of medians (22.5 / 30) would say 0.75x."""
+    tvlars = step.Result("TVLARS", 22.5, None, None, 1.0, process_ms=(5.0, 40.0))
+    peer = step.Result("timm Lars", 30.0, None, None, 1.0, process_ms=(10.0, 80.0))
+    assert tvlars.ratio(peer) == pytest.approx(0.5)
+    assert peer.ratio_range(tvlars) == pytest.approx((2.0, 2.0))
+    single = step.Result("TVLARS", 3.0, None, None, 1.0)
+    assert single.ratio(step.Result("SGD fused", 2.0, None, None, 1.0)) == pytest.approx(1.5)
+    assert single.ratio_range(single) is None
+
+
+def test_the_table_shows_each_peer_against_tvlars_with_the_range_over_processes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["--device=cpu", "--sets=tiny", "--optimizers", "TVLARS", "SGD fused", "--repeats=3"]
+    step.main([*argv, "--processes=2"])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| optimizer |"))
+    column = [c.strip() for c in header.split("|")].index("vs TVLARS")
+    row = next(line for line in lines if line.startswith("| SGD fused | "))
+    cell = [c.strip() for c in row.split("|")][column]
+    ratio, spread = cell.split(" ", 1)
+    low, high = (float(x) for x in spread.strip("()").split("-"))
+    assert low <= float(ratio.rstrip("x")) <= high
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

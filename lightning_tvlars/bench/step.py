@@ -4,7 +4,8 @@
 (torchvision, no weights), of a small language model (a few large matrices) and of two
 synthetic stacks of 8 and 32 identical layers, gives them random gradients, and times one
 ``optimizer.step()`` of each optimizer: median over repeated steps, interleaved (A B C ... A B C
-...), and the ratio to ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4, foreach=True)``.
+...), and the ratios to ``torch.optim.SGD(momentum=0.9, weight_decay=5e-4, foreach=True)``, to
+the same with ``fused=True`` and to TVLARS.
 
 Per step it also reports:
 
@@ -20,7 +21,8 @@ On a shared CPU the state of a process (where the allocator placed the tensors, 
 recycles the memory of temporaries) moves every step time by 10-30 % from one process to the
 next, more than the differences between LARS-type steps. ``--processes N`` repeats the whole
 measurement in N fresh processes, one after the other, and reports the median of their medians
-with the range.
+with the range. Ratios are then paired: taken within each process, where whatever moves all
+steps of that process cancels, and their median (with the range for ``vs TVLARS``) is shown.
 
 Rows are printed as they are measured; with ``--out`` the markdown table and a figure are
 written after each parameter set, so an interrupted run keeps what it measured.
@@ -182,7 +184,23 @@ class Result:
     extra_memory_mb: float | None = None
     sync_free: bool | None = None
     compile_s: float | None = None
-    range_ms: tuple[float, float] | None = None  # over processes (``--processes``)
+    process_ms: tuple[float, ...] = ()  # the median of each process (``--processes``)
+
+    def ratio(self, reference: Result) -> float:
+        """Median over processes of this step's time / ``reference``'s in the same process
+        (paired: what moves all steps of a process cancels), or of the medians in one."""
+        if not self.process_ms:
+            return self.median_ms / reference.median_ms
+        return statistics.median(
+            a / b for a, b in zip(self.process_ms, reference.process_ms, strict=True)
+        )
+
+    def ratio_range(self, reference: Result) -> tuple[float, float] | None:
+        """Lowest and highest per-process ratio to ``reference`` (None from one process)."""
+        if len(self.process_ms) < 2:
+            return None
+        ratios = [a / b for a, b in zip(self.process_ms, reference.process_ms, strict=True)]
+        return min(ratios), max(ratios)
 
 
 def _sync(device: str) -> None:
@@ -301,7 +319,7 @@ def measure_in_processes(
     processes: int,
 ) -> list[Result]:
     """:func:`measure` in ``processes`` fresh processes (spawned one after the other, with this
-    process's thread count): per optimizer the median of their medians, and their range."""
+    process's thread count): per optimizer the median of their medians, and each median."""
     context = multiprocessing.get_context("spawn")
     threads = torch.get_num_threads()
     runs = []
@@ -311,13 +329,9 @@ def measure_in_processes(
             runs.append(pool.submit(_measure_with_threads, *args).result())
     combined = []
     for results in zip(*runs, strict=True):
-        medians = [r.median_ms for r in results]
+        medians = tuple(r.median_ms for r in results)
         combined.append(
-            replace(
-                results[0],
-                median_ms=statistics.median(medians),
-                range_ms=(min(medians), max(medians)),
-            )
+            replace(results[0], median_ms=statistics.median(medians), process_ms=medians)
         )
     return combined
 
@@ -326,32 +340,47 @@ def _cell(value: object, fmt: str = "{}") -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
+def _ratio_cell(row: Result, reference: Result | None, spread: bool = False) -> str:
+    if reference is None:
+        return "n/a"
+    text = f"{row.ratio(reference):.2f}x"
+    bounds = row.ratio_range(reference) if spread else None
+    return text + (f" ({bounds[0]:.2f}-{bounds[1]:.2f})" if bounds else "")
+
+
 def markdown(results: dict[str, list[Result]], device: str, environment: str) -> str:
+    """One table per parameter set. Ratios are paired: per process, then the median over
+    processes; the ``vs TVLARS`` column shows their range, the question the table answers."""
     cuda = device.startswith("cuda")
     lines = [f"## Optimizer step on {device}", "", environment, ""]
     for param_set, rows in results.items():
-        base = next(r.median_ms for r in rows if r.optimizer == "SGD foreach")
-        fused = next((r.median_ms for r in rows if r.optimizer == "SGD fused"), None)
-        head = "| optimizer | median step (ms) | vs SGD foreach | vs SGD fused | ops / step "
-        head += "| kernels / step | extra memory (MB) | " if cuda else "| "
+        by_name = {r.optimizer: r for r in rows}
+        foreach, fused, tvlars = (by_name.get(n) for n in ("SGD foreach", "SGD fused", "TVLARS"))
+        head = "| optimizer | median step (ms) | vs SGD foreach | vs SGD fused | vs TVLARS "
+        head += "| ops / step | kernels / step | extra memory (MB) | " if cuda else "| ops / step | "
         head += "host syncs / step | state / params |"
         lines += [
             f"### {param_set} ({len(parameter_shapes(param_set))} tensors)",
             "",
             head,
-            "|---|" + "---:|" * (8 if cuda else 6),
+            "|---|" + "---:|" * (9 if cuda else 7),
         ]
         for r in rows:
             extra = f" (compile {r.compile_s:.0f} s)" if r.compile_s is not None else ""
             syncs = _cell(r.host_syncs)
             if r.sync_free is not None:
                 syncs += " (sync-debug: " + ("none" if r.sync_free else "SYNC") + ")"
-            spread = f" ({r.range_ms[0]:.3f}-{r.range_ms[1]:.3f})" if r.range_ms else ""
+            spread = (
+                f" ({min(r.process_ms):.3f}-{max(r.process_ms):.3f})"
+                if len(r.process_ms) > 1
+                else ""
+            )
             cells = [
                 f"{r.optimizer}{extra}",
                 f"{r.median_ms:.3f}{spread}",
-                f"{r.median_ms / base:.2f}x",
-                f"{r.median_ms / fused:.2f}x" if fused else "n/a",
+                _ratio_cell(r, foreach),
+                _ratio_cell(r, fused),
+                "" if r is tvlars else _ratio_cell(r, tvlars, spread=True),
                 _cell(r.ops),
             ]
             if cuda:
@@ -371,8 +400,8 @@ def plot(results: dict[str, list[Result]], device: str, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False)
     for ax, (param_set, rows) in zip(axes[0], results.items(), strict=True):
-        base = next(r.median_ms for r in rows if r.optimizer == "SGD foreach")
-        ratios = [r.median_ms / base for r in rows]
+        base = next(r for r in rows if r.optimizer == "SGD foreach")
+        ratios = [r.ratio(base) for r in rows]
         colors = ["tab:green" if r.optimizer.startswith("TVLARS") else "tab:gray" for r in rows]
         ax.barh([r.optimizer for r in rows], ratios, color=colors)
         ax.axvline(1.0, color="black", lw=0.8)
@@ -397,7 +426,12 @@ def environment(device: str, repeats: int, processes: int = 1) -> str:
         text += f", {torch.cuda.get_device_name()}"
     text += f"; median of {repeats} interleaved steps"
     if processes > 1:
-        text += f" in each of {processes} fresh processes: the median of the medians (range)"
+        text += (
+            f" in each of {processes} fresh processes: the median of the medians (range); "
+            "ratios are per process, then their median (range); vs TVLARS above 1: slower"
+        )
+    else:
+        text += "; vs TVLARS above 1: slower than TVLARS"
     return text
 
 
