@@ -18,8 +18,8 @@ between the phases. On CPU, where memory traffic sets the pace, a batch holds at
 ``CPU_BATCH`` elements (tensors larger than that are cut into 1-D pieces) and one batch-sized
 workspace serves all batches: phase 1 reads ``w`` and ``u`` for the norms while they are in
 cache, phase 2 forms ``u`` again, walking the batches backwards (the last ones phase 1 read are
-still in cache), and hands the scale to the fused kernel as the ``grad_scale`` it divides by,
-which saves a pass over ``u``. Each tensor is read from memory about 7 times per step
+still in cache; the workspace still holds the last batch's ``u``), and hands the scale to the
+fused kernel as the ``grad_scale`` it divides by, which saves a pass over ``u``. Each tensor is read from memory about 7 times per step
 (``SGD(fused=True)``: 5). Groups that are not adapted and not decayed need no workspace at all:
 the fused kernel reads the gradients directly.
 
@@ -394,11 +394,13 @@ class MultiTensorUpdate:
         if scale is not None:
             scale = scale.to(device, non_blocking=True)
         inverse = scale.float().reciprocal().unbind() if scale is not None and self.divide else ()
-        # Backwards: on CPU the batches that phase 1 read last are still in cache.
-        for batch, grads in reversed(list(zip(self.layout.batches, self._grads, strict=True))):
+        # Backwards: on CPU the batches that phase 1 read last are still in cache, and the
+        # shared workspace still holds the last one's u.
+        backwards = reversed(list(zip(self.layout.batches, self._grads, strict=True)))
+        for k, (batch, grads) in enumerate(backwards):
             updates = (
                 self._form_updates(batch, grads)
-                if self.recompute
+                if self.recompute and k > 0
                 else (batch.views if self.workspace else grads)
             )
             if inverse:
