@@ -6,7 +6,10 @@ counts, the sync-debug check and the extra memory; here the CPU path is exercise
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -100,6 +103,38 @@ def test_ratios_pair_the_steps_of_each_process() -> None:
     single = step.Result("TVLARS", 3.0, None, None, 1.0)
     assert single.ratio(step.Result("SGD fused", 2.0, None, None, 1.0)) == pytest.approx(1.5)
     assert single.ratio_range(single) is None
+
+
+def test_processes_combine_into_medians_of_times_and_compile_times() -> None:
+    runs = [
+        [step.Result("TVLARS compiled", ms, None, None, 1.0, compile_s=c)]
+        for ms, c in [(3.0, 80.0), (1.0, 12.0), (2.0, 14.0)]
+    ]
+    (combined,) = step.combine(runs)
+    assert combined.median_ms == 2.0 and combined.process_ms == (3.0, 1.0, 2.0)
+    assert combined.compile_s == 14.0  # not the first (cold) process's 80 s
+
+
+def test_compile_notices_are_silenced_while_compiling_and_restored_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The notices come from the process that compiles: with ``--processes`` that is a fresh
+    one, so ``measure`` itself silences them, and only while it compiles."""
+    levels: list[int] = []
+    dynamo = logging.getLogger("torch._dynamo")
+    before = dynamo.level
+
+    def fake_compile(fn: Callable[[], Any], fullgraph: bool) -> Callable[[], Any]:
+        def run() -> Any:
+            levels.append(dynamo.level)
+            return fn()
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    step.measure(["TVLARS compiled"], step.parameter_shapes("tiny"), "cpu", repeats=1)
+    assert levels[:3] == [logging.ERROR] * 3  # the three compiling calls
+    assert dynamo.level == before and levels[3:] and set(levels[3:]) == {before}
 
 
 def test_the_table_shows_each_peer_against_tvlars_with_the_range_over_processes(

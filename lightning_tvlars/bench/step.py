@@ -37,8 +37,9 @@ import platform
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -250,6 +251,21 @@ def _extra_memory_mb(step: Callable[[], Any]) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+@contextmanager
+def _quiet_compile_notices() -> Iterator[None]:
+    """Silence the compiled step's notices that say nothing about the measurement (the step's
+    profiler range is dropped from the graph; no CUDA toolkit on a CPU machine)."""
+    loggers = [logging.getLogger(name) for name in ("torch._dynamo", "torch.utils.cpp_extension")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def measure(
     names: Sequence[str], shapes: Sequence[torch.Size], device: str, repeats: int
 ) -> list[Result]:
@@ -272,8 +288,9 @@ def measure(
         if compiled:
             step = torch.compile(optimizer.step, fullgraph=True)
             start = time.perf_counter()
-            for _ in range(3):  # the first call compiles, the second with a dynamic step count
-                step()
+            with _quiet_compile_notices():
+                for _ in range(3):  # the first call compiles, the second with a dynamic step
+                    step()
             _sync(device)
             compile_s = time.perf_counter() - start
         step()  # warm-up: lazy state
@@ -319,7 +336,7 @@ def measure_in_processes(
     processes: int,
 ) -> list[Result]:
     """:func:`measure` in ``processes`` fresh processes (spawned one after the other, with this
-    process's thread count): per optimizer the median of their medians, and each median."""
+    process's thread count), combined by :func:`combine`."""
     context = multiprocessing.get_context("spawn")
     threads = torch.get_num_threads()
     runs = []
@@ -327,11 +344,23 @@ def measure_in_processes(
         with ProcessPoolExecutor(1, mp_context=context) as pool:
             args = (names, shapes, device, repeats, threads)
             runs.append(pool.submit(_measure_with_threads, *args).result())
+    return combine(runs)
+
+
+def combine(runs: Sequence[Sequence[Result]]) -> list[Result]:
+    """One result per optimizer from several processes' results: the median of the medians
+    (and of the compile times), with each process's median kept for the paired ratios."""
     combined = []
     for results in zip(*runs, strict=True):
         medians = tuple(r.median_ms for r in results)
+        compile_s = [r.compile_s for r in results if r.compile_s is not None]
         combined.append(
-            replace(results[0], median_ms=statistics.median(medians), process_ms=medians)
+            replace(
+                results[0],
+                median_ms=statistics.median(medians),
+                process_ms=medians,
+                compile_s=statistics.median(compile_s) if compile_s else None,
+            )
         )
     return combined
 
@@ -357,7 +386,7 @@ def markdown(results: dict[str, list[Result]], device: str, environment: str) ->
         by_name = {r.optimizer: r for r in rows}
         foreach, fused, tvlars = (by_name.get(n) for n in ("SGD foreach", "SGD fused", "TVLARS"))
         head = "| optimizer | median step (ms) | vs SGD foreach | vs SGD fused | vs TVLARS "
-        head += "| ops / step | kernels / step | extra memory (MB) | " if cuda else "| ops / step | "
+        head += "| ops / step | " + ("kernels / step | extra memory (MB) | " if cuda else "")
         head += "host syncs / step | state / params |"
         lines += [
             f"### {param_set} ({len(parameter_shapes(param_set))} tensors)",
@@ -488,10 +517,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     if args.threads:
         torch.set_num_threads(args.threads)
-    # Notices of the compiled step that say nothing about the measurement (the step's profiler
-    # range is dropped from the graph; no CUDA toolkit on a CPU machine).
-    for name in ("torch._dynamo", "torch.utils.cpp_extension"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     if "SGD foreach" not in args.optimizers:
         args.optimizers.insert(0, "SGD foreach")
     device_name = args.device.split(":")[0]

@@ -19,9 +19,9 @@ between the phases. On CPU, where memory traffic sets the pace, a batch holds at
 workspace serves all batches: phase 1 reads ``w`` and ``u`` for the norms while they are in
 cache, phase 2 forms ``u`` again, walking the batches backwards (the last ones phase 1 read are
 still in cache; the workspace still holds the last batch's ``u``), and hands the scale to the
-fused kernel as the ``grad_scale`` it divides by, which saves a pass over ``u``. Each tensor is read from memory about 7 times per step
-(``SGD(fused=True)``: 5). Groups that are not adapted and not decayed need no workspace at all:
-the fused kernel reads the gradients directly.
+fused kernel as the ``grad_scale`` it divides by, which saves a pass over ``u``. Each tensor is
+read from memory about 7 times per step (``SGD(fused=True)``: 5). Groups that are not adapted
+and not decayed need no workspace at all: the fused kernel reads the gradients directly.
 
 :class:`PlainUpdate` (``foreach=False``, and ``torch.compile``, whose Inductor fuses it) is the
 reference: elementwise operations per tensor, any layout (gaps, transposes, gradients whose
