@@ -93,16 +93,30 @@ def test_processes_report_the_median_of_fresh_processes_and_their_range(
     assert low <= float(median) <= high
 
 
+def _combined(name: str, process_ms: tuple[float, ...]) -> step.Result:
+    runs = [[step.Result(name, ms, None, None, 1.0)] for ms in process_ms]
+    (result,) = step.combine(runs)
+    return result
+
+
 def test_ratios_pair_the_steps_of_each_process() -> None:
-    """Process 1 is twice as slow for everything: paired, TVLARS is 0.5x of the peer in both
-    processes; the ratio of the medians of medians (22.5 / 30) would say 0.75x."""
-    tvlars = step.Result("TVLARS", 22.5, None, None, 1.0, process_ms=(5.0, 40.0))
-    peer = step.Result("timm Lars", 30.0, None, None, 1.0, process_ms=(10.0, 80.0))
+    """Paired, TVLARS takes half the peer's time in two of three processes (0.5, 0.5, 0.9): the
+    ratio is 0.5. The medians of medians (9 and 10 ms) would say 0.9."""
+    tvlars = _combined("TVLARS", (5.0, 40.0, 9.0))
+    peer = _combined("timm Lars", (10.0, 80.0, 10.0))
+    assert (tvlars.median_ms, peer.median_ms) == (9.0, 10.0)
     assert tvlars.ratio(peer) == pytest.approx(0.5)
-    assert peer.ratio_range(tvlars) == pytest.approx((2.0, 2.0))
+    assert peer.ratio(tvlars) == pytest.approx(2.0)
+    assert peer.ratio_range(tvlars) == pytest.approx((10 / 9, 2.0))
     single = step.Result("TVLARS", 3.0, None, None, 1.0)
     assert single.ratio(step.Result("SGD fused", 2.0, None, None, 1.0)) == pytest.approx(1.5)
     assert single.ratio_range(single) is None
+
+
+def test_a_ratio_is_the_inverse_of_the_reverse_ratio_with_an_even_number_of_processes() -> None:
+    a, b = _combined("TVLARS", (1.0, 3.0)), _combined("timm Lars", (2.0, 2.0))
+    assert a.ratio(b) * b.ratio(a) == pytest.approx(1.0)
+    assert a.ratio(b) == pytest.approx(0.75**0.5)  # geometric median of 0.5 and 1.5
 
 
 def test_processes_combine_into_medians_of_times_and_compile_times() -> None:
@@ -120,36 +134,47 @@ def test_compile_notices_are_silenced_while_compiling_and_restored_after(
 ) -> None:
     """The notices come from the process that compiles: with ``--processes`` that is a fresh
     one, so ``measure`` itself silences them, and only while it compiles."""
-    levels: list[int] = []
-    dynamo = logging.getLogger("torch._dynamo")
-    before = dynamo.level
+    loggers = [logging.getLogger(n) for n in ("torch._dynamo", "torch.utils.cpp_extension")]
+    saved = [logger.level for logger in loggers]
+    levels: list[list[int]] = []
 
     def fake_compile(fn: Callable[[], Any], fullgraph: bool) -> Callable[[], Any]:
         def run() -> Any:
-            levels.append(dynamo.level)
+            levels.append([logger.level for logger in loggers])
             return fn()
 
         return run
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    step.measure(["TVLARS compiled"], step.parameter_shapes("tiny"), "cpu", repeats=1)
-    assert levels[:3] == [logging.ERROR] * 3  # the three compiling calls
-    assert dynamo.level == before and levels[3:] and set(levels[3:]) == {before}
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        step.measure(["TVLARS compiled"], step.parameter_shapes("tiny"), "cpu", repeats=1)
+        assert levels[:3] == [[logging.ERROR] * 2] * 3  # the three compiling calls
+        assert levels[3:] and all(seen == [logging.WARNING] * 2 for seen in levels[3:])
+        assert [logger.level for logger in loggers] == [logging.WARNING] * 2
+    finally:
+        for logger, level in zip(loggers, saved, strict=True):
+            logger.setLevel(level)
 
 
-def test_the_table_shows_each_peer_against_tvlars_with_the_range_over_processes(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    argv = ["--device=cpu", "--sets=tiny", "--optimizers", "TVLARS", "SGD fused", "--repeats=3"]
-    step.main([*argv, "--processes=2"])
-    lines = capsys.readouterr().out.splitlines()
-    header = next(line for line in lines if line.startswith("| optimizer |"))
-    column = [c.strip() for c in header.split("|")].index("vs TVLARS")
-    row = next(line for line in lines if line.startswith("| SGD fused | "))
-    cell = [c.strip() for c in row.split("|")][column]
-    ratio, spread = cell.split(" ", 1)
-    low, high = (float(x) for x in spread.strip("()").split("-"))
-    assert low <= float(ratio.rstrip("x")) <= high
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_table_shows_each_optimizer_against_tvlars_with_the_range(device: str) -> None:
+    rows = [
+        _combined("SGD foreach", (20.0, 160.0, 20.0)),
+        _combined("TVLARS", (5.0, 40.0, 9.0)),
+        _combined("timm Lars", (10.0, 80.0, 10.0)),
+    ]
+    lines = step.markdown({"tiny": rows}, device, "env").splitlines()
+    table = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("|")]
+    header, body = table[0], {row[0]: row for row in table[2:]}
+    assert len(header) == (10 if device == "cuda" else 8)
+    assert all(len(row) == len(header) for row in table)
+    column = header.index("vs TVLARS")
+    assert body["timm Lars"][column] == "2.00x (1.11-2.00)"
+    assert body["SGD foreach"][column] == "4.00x (2.22-4.00)"
+    assert body["TVLARS"][column] == ""
+    assert body["timm Lars"][header.index("vs SGD fused")] == "n/a"  # not measured
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import multiprocessing
 import platform
 import statistics
@@ -187,21 +188,21 @@ class Result:
     compile_s: float | None = None
     process_ms: tuple[float, ...] = ()  # the median of each process (``--processes``)
 
-    def ratio(self, reference: Result) -> float:
-        """Median over processes of this step's time / ``reference``'s in the same process
-        (paired: what moves all steps of a process cancels), or of the medians in one."""
+    def _ratios(self, reference: Result) -> list[float]:
         if not self.process_ms:
-            return self.median_ms / reference.median_ms
-        return statistics.median(
-            a / b for a, b in zip(self.process_ms, reference.process_ms, strict=True)
-        )
+            return [self.median_ms / reference.median_ms]
+        return [a / b for a, b in zip(self.process_ms, reference.process_ms, strict=True)]
+
+    def ratio(self, reference: Result) -> float:
+        """This step's time / ``reference``'s, paired: taken in each process (what moves all
+        steps of a process cancels), then their geometric median, ``exp(median(log r))``, so
+        that ``a.ratio(b) == 1 / b.ratio(a)`` for any number of processes."""
+        return math.exp(statistics.median(map(math.log, self._ratios(reference))))
 
     def ratio_range(self, reference: Result) -> tuple[float, float] | None:
         """Lowest and highest per-process ratio to ``reference`` (None from one process)."""
-        if len(self.process_ms) < 2:
-            return None
-        ratios = [a / b for a, b in zip(self.process_ms, reference.process_ms, strict=True)]
-        return min(ratios), max(ratios)
+        ratios = self._ratios(reference)
+        return (min(ratios), max(ratios)) if len(ratios) > 1 else None
 
 
 def _sync(device: str) -> None:
@@ -370,6 +371,7 @@ def _cell(value: object, fmt: str = "{}") -> str:
 
 
 def _ratio_cell(row: Result, reference: Result | None, spread: bool = False) -> str:
+    """``row``'s paired ratio to ``reference`` (n/a when not measured), with its range."""
     if reference is None:
         return "n/a"
     text = f"{row.ratio(reference):.2f}x"
@@ -378,8 +380,8 @@ def _ratio_cell(row: Result, reference: Result | None, spread: bool = False) -> 
 
 
 def markdown(results: dict[str, list[Result]], device: str, environment: str) -> str:
-    """One table per parameter set. Ratios are paired: per process, then the median over
-    processes; the ``vs TVLARS`` column shows their range, the question the table answers."""
+    """One table per parameter set. Ratios are paired (:meth:`Result.ratio`); the ``vs TVLARS``
+    column, which says whether TVLARS is ahead, also shows their range over processes."""
     cuda = device.startswith("cuda")
     lines = [f"## Optimizer step on {device}", "", environment, ""]
     for param_set, rows in results.items():
@@ -457,10 +459,11 @@ def environment(device: str, repeats: int, processes: int = 1) -> str:
     if processes > 1:
         text += (
             f" in each of {processes} fresh processes: the median of the medians (range); "
-            "ratios are per process, then their median (range); vs TVLARS above 1: slower"
+            "ratios are taken per process, then their median (vs TVLARS: and their range)"
         )
-    else:
-        text += "; vs TVLARS above 1: slower than TVLARS"
+    text += "; vs TVLARS above 1: slower than TVLARS"
+    if processes > 1:
+        text += "; compile: the median over processes (Inductor's disk cache warm after the first)"
     return text
 
 
@@ -498,8 +501,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--processes",
         type=int_argument(1),
         default=1,
-        help="measure in this many fresh processes: median of their medians, and their range "
-        "(default: 1, this process)",
+        help="measure in this many fresh processes: median of their medians with the range, "
+        "ratios paired per process (default: 1, this process)",
     )
     parser.add_argument(
         "--threads", type=int_argument(1), default=None, help="torch threads (default: torch's)"

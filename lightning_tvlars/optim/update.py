@@ -16,10 +16,11 @@ workspace seen as ``(blocks, BLOCK)`` by a per-block factor, followed by torch's
 momentum-SGD kernel. On accelerators the whole group is one batch and the workspace keeps ``u``
 between the phases. On CPU, where memory traffic sets the pace, a batch holds at most
 ``CPU_BATCH`` elements (tensors larger than that are cut into 1-D pieces) and one batch-sized
-workspace serves all batches: phase 1 reads ``w`` and ``u`` for the norms while they are in
-cache, phase 2 forms ``u`` again, walking the batches backwards (the last ones phase 1 read are
-still in cache; the workspace still holds the last batch's ``u``), and hands the scale to the
-fused kernel as the ``grad_scale`` it divides by, which saves a pass over ``u``. Each tensor is
+workspace per group, device and dtype serves all its batches: phase 1 reads ``w`` and ``u`` for
+the norms while they are in cache, phase 2 forms ``u`` again, walking the batches backwards (the
+last ones phase 1 read are still in cache; the workspace still holds the last batch's ``u``),
+and hands the scale to the fused kernel as the ``grad_scale`` it divides by, which saves a pass
+over ``u``. Each tensor is
 read from memory about 7 times per step (``SGD(fused=True)``: 5). Groups that are not adapted
 and not decayed need no workspace at all: the fused kernel reads the gradients directly.
 
@@ -319,15 +320,17 @@ class MultiTensorUpdate:
     multiply. On CPU, where multi-tensor operations are loops anyway, one batch-sized workspace
     serves every batch: ``u`` is formed with one ``torch.add(..., out=)`` per entry (two passes
     less than copy then add, and no fresh output, which on CPU costs page faults), again in
-    phase 2, and the fused kernel of each entry divides it by the reciprocal of its scale
+    phase 2 for every batch but the last (the workspace still holds its ``u``), and the fused
+    kernel of each entry divides it by the reciprocal of its scale
     (float32 tensors; the kernel reads ``grad_scale`` as float32, so float64 ones multiply).
     """
 
     def __init__(self, tensors: GroupTensors, layout: Layout) -> None:
         self.tensors, self.layout, self.order = tensors, layout, layout.order
         self.workspace, self.cpu = layout.workspace, layout.batch_size is not None
-        # On CPU with several batches, the shared workspace holds the last batch's u only.
-        self.recompute = self.cpu and self.workspace and len(layout.batches) > 1
+        # On CPU with several batches, the layout's one workspace ends phase 1 holding the
+        # last batch's u only: phase 2 forms the others' again.
+        self.reform = self.cpu and self.workspace and len(layout.batches) > 1
         self.divide = self.cpu and layout.norm_dtype == torch.float32
         self._grads: list[list[Tensor]] = []
 
@@ -400,7 +403,7 @@ class MultiTensorUpdate:
         for k, (batch, grads) in enumerate(backwards):
             updates = (
                 self._form_updates(batch, grads)
-                if self.recompute and k > 0
+                if self.reform and k > 0
                 else (batch.views if self.workspace else grads)
             )
             if inverse:
