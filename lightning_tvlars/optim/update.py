@@ -20,9 +20,9 @@ workspace per group, device and dtype serves all its batches: phase 1 reads ``w`
 the norms while they are in cache, phase 2 forms ``u`` again, walking the batches backwards (the
 last ones phase 1 read are still in cache; the workspace still holds the last batch's ``u``),
 and hands the scale to the fused kernel as the ``grad_scale`` it divides by, which saves a pass
-over ``u``. Each tensor is
-read from memory about 7 times per step (``SGD(fused=True)``: 5). Groups that are not adapted
-and not decayed need no workspace at all: the fused kernel reads the gradients directly.
+over ``u``. Each tensor is read from memory about 7 times per step (``SGD(fused=True)``: 5).
+Groups that are not adapted and not decayed need no workspace at all: the fused kernel reads
+the gradients directly.
 
 :class:`PlainUpdate` (``foreach=False``, and ``torch.compile``, whose Inductor fuses it) is the
 reference: elementwise operations per tensor, any layout (gaps, transposes, gradients whose
@@ -321,8 +321,8 @@ class MultiTensorUpdate:
     serves every batch: ``u`` is formed with one ``torch.add(..., out=)`` per entry (two passes
     less than copy then add, and no fresh output, which on CPU costs page faults), again in
     phase 2 for every batch but the last (the workspace still holds its ``u``), and the fused
-    kernel of each entry divides it by the reciprocal of its scale
-    (float32 tensors; the kernel reads ``grad_scale`` as float32, so float64 ones multiply).
+    kernel of each entry divides it by the reciprocal of its scale (float32 tensors; the kernel
+    reads ``grad_scale`` as float32, so float64 ones multiply).
     """
 
     def __init__(self, tensors: GroupTensors, layout: Layout) -> None:
