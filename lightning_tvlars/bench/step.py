@@ -523,6 +523,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "SGD foreach" not in args.optimizers:
         args.optimizers.insert(0, "SGD foreach")
     device_name = args.device.split(":")[0]
+    setup = environment(args.device, args.repeats, args.processes)
     results: dict[str, list[Result]] = {}
     for param_set in args.sets:
         shapes = parameter_shapes(param_set)
@@ -538,14 +539,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"kernels {_cell(r.kernels):>5}  syncs {_cell(r.host_syncs):>3}",
                 flush=True,
             )
-        text = markdown(
-            results, device_name, environment(args.device, args.repeats, args.processes)
-        )
+        text = markdown(results, device_name, setup)
         if args.out:  # after every set: an interrupted run keeps what it measured
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"step_{device_name}.md").write_text(text)
             plot(results, device_name, args.out / f"step_{device_name}.png")
-    print(markdown(results, device_name, environment(args.device, args.repeats, args.processes)))
+    print(text)
 
 
 if __name__ == "__main__":
