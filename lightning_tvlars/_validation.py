@@ -126,10 +126,17 @@ def device_argument(text: str) -> str:
     return text
 
 
-def missing_modules(needs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
-    """``(what, module)`` pairs whose module cannot be imported, as ``module -> [what, ...]``."""
+def missing_bench_modules(needs: Iterable[tuple[str, str]], subject: str = "") -> str | None:
+    """None when the module of every ``(what, module)`` pair imports; else what the benchmark
+    commands say: ``"<subject>a, b need timm: pip install 'lightning-tvlars[bench]'"``."""
     missing: dict[str, list[str]] = {}
     for what, module in needs:
         if importlib.util.find_spec(module) is None:
             missing.setdefault(module, []).append(what)
-    return missing
+    if not missing:
+        return None
+    parts = []
+    for module, names in missing.items():
+        verb = "need" if subject or len(names) > 1 else "needs"  # "the arms x need", "x needs"
+        parts.append(f"{subject}{', '.join(names)} {verb} {module}")
+    return "; ".join(parts) + ": pip install 'lightning-tvlars[bench]'"

@@ -36,7 +36,7 @@ from typing import Any
 from lightning_tvlars._validation import (
     device_argument,
     int_argument,
-    missing_modules,
+    missing_bench_modules,
     non_negative_float_argument,
 )
 from lightning_tvlars.bench.protocol import ARMS, PRESETS, TASKS, Preset, cell_state
@@ -241,12 +241,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.report_only:
         arms = {arm for task in preset.tasks for arm in preset.arms[task]}
         needs = [(arm, "timm") for arm in sorted(arms) if ARMS[arm].optimizer == "timm-lamb"]
-        missing = missing_modules(needs)
+        missing = missing_bench_modules(needs, subject="the arms ")
         if missing:
-            parser.error(
-                f"the arms {', '.join(missing['timm'])} need timm: "
-                "pip install 'lightning-tvlars[bench]'"
-            )
+            parser.error(missing)
     import torch
 
     torch.set_num_threads(args.threads)

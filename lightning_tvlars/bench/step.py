@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_tvlars import TVLARS, SigmoidPhase
-from lightning_tvlars._validation import device_argument, int_argument, missing_modules
+from lightning_tvlars._validation import device_argument, int_argument, missing_bench_modules
 from lightning_tvlars.optim.groups import split_by_ndim
 
 WEIGHT_DECAY = 5e-4
@@ -509,15 +509,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="write step_<device>.md/.png here")
     args = parser.parse_args(argv)
-    missing = missing_modules((name, NEEDS[name]) for name in args.optimizers if name in NEEDS)
+    missing = missing_bench_modules(
+        (name, NEEDS[name]) for name in args.optimizers if name in NEEDS
+    )
     if missing:
-        parser.error(
-            "; ".join(
-                f"{', '.join(names)} need{'s' if len(names) == 1 else ''} {module}"
-                for module, names in missing.items()
-            )
-            + ": pip install 'lightning-tvlars[bench]', or choose others with --optimizers"
-        )
+        parser.error(missing + ", or choose others with --optimizers")
     if args.threads:
         torch.set_num_threads(args.threads)
     if "SGD foreach" not in args.optimizers:
