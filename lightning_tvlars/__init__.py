@@ -10,6 +10,7 @@ from typing import Any
 
 from lightning_tvlars.metrics import tvlars_metrics
 from lightning_tvlars.optim import (
+    LAMB,
     TVLARS,
     GroupOverride,
     TVLARSStepStats,
@@ -36,6 +37,7 @@ _LIGHTNING_NAMES = (
 )
 
 __all__ = [
+    "LAMB",
     "TVLARS",
     "ConstantPhase",
     "FittedPhase",

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lightning_tvlars.bench import step
-from lightning_tvlars.optim import update
+from lightning_tvlars.optim import workspace as update
 
 
 def test_tvlars_step_has_no_host_sync_and_sgd_sized_state() -> None:

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_tvlars import TVLARS, SigmoidPhase, param_groups
-from lightning_tvlars.optim import update
-from lightning_tvlars.optim.update import is_dense
+from lightning_tvlars.optim import workspace as update
+from lightning_tvlars.optim.workspace import is_dense
 
 MULTI_TENSOR_OPS = ("_foreach_", "_fused_sgd")
 

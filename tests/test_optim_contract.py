@@ -883,7 +883,7 @@ def test_foreach_true_is_refused_where_torch_has_no_fused_kernels(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """As torch.optim refuses ``fused=True`` there; also when a group switches between steps."""
-    import lightning_tvlars.optim.update as update
+    import lightning_tvlars.optim.workspace as update
 
     monkeypatch.setattr(update, "_get_fused_kernels_supported_devices", lambda: ["cuda"])
     w = nn.Parameter(torch.randn(3, 2))

@@ -447,7 +447,7 @@ def test_cpu_batches_and_pieces_of_big_tensors_match_the_reference(
     with a tiny batch size every case (several batches, pieces, a 0-d tensor) is exact in
     float64 (the scale is multiplied) and within float32 rounding of the float64 reference in
     float32 (the fused kernel divides by its reciprocal)."""
-    import lightning_tvlars.optim.update as update
+    import lightning_tvlars.optim.workspace as update
 
     monkeypatch.setattr(update, "CPU_BATCH", 1000)
     shapes = [(40, 30), (7,), (3000,), (5, 5, 3, 3), (), (2500, 1), (10,)]
@@ -476,7 +476,7 @@ def test_cpu_batches_and_pieces_of_big_tensors_match_the_reference(
             p.grad = g.to(dtype)
         opt.step()
         ref.step({id(p): g for p, g in zip(plain, grads, strict=True)})
-    assert max(len(layout.batches) for layout in opt._group_plans.layouts()) > 2
+    assert max(len(layout.batches) for layout in opt._layouts.layouts()) > 2
     tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {}
     for a, b in zip(ours, plain, strict=True):
         torch.testing.assert_close(a.detach(), b.to(dtype), **tolerance)
@@ -489,7 +489,7 @@ def test_a_step_leaves_the_gradients_as_they_were(
 ) -> None:
     """The fused kernel writes ``u / grad_scale`` back into the tensor it reads: on CPU that
     tensor must be the workspace, never the gradient, with and without weight decay."""
-    import lightning_tvlars.optim.update as update
+    import lightning_tvlars.optim.workspace as update
 
     monkeypatch.setattr(update, "CPU_BATCH", cpu_batch)
     params = [nn.Parameter(torch.randn(s)) for s in [(40, 30), (7,), (5, 5, 3, 3)]]
@@ -527,7 +527,7 @@ def test_cached_plans_follow_what_changes_between_steps(
     change a run can make between two steps must rebuild them: a gradient with other strides, a
     parameter without a gradient, replaced storage, momentum buffers from a state dict or reset
     by hand, a group option that needs a workspace. Every step stays exact."""
-    import lightning_tvlars.optim.update as update
+    import lightning_tvlars.optim.workspace as update
 
     if batched:
         monkeypatch.setattr(update, "CPU_BATCH", 1000)  # (40, 30) is cut into pieces
@@ -623,7 +623,7 @@ def test_plans_of_groups_that_leave_the_step_are_dropped() -> None:
         opt.step()
 
     step()
-    assert len(opt._group_plans.layouts()) == 4
+    assert len(opt._layouts.layouts()) == 4
     removed = weakref.ref(params[3])
     opt.state.pop(opt.param_groups.pop()["params"][0])  # torch.optim keeps state by parameter
     del params[3]
@@ -633,7 +633,7 @@ def test_plans_of_groups_that_leave_the_step_are_dropped() -> None:
     step()
     gc.collect()
     assert removed() is None
-    assert [layout.batches[0].weights[0] for layout in opt._group_plans.layouts()] == [params[0]]
+    assert [layout.batches[0].weights[0] for layout in opt._layouts.layouts()] == [params[0]]
 
 
 def test_buffers_of_another_dtype_take_the_elementwise_path() -> None:
@@ -666,7 +666,7 @@ def test_the_accelerator_path_matches_the_reference_on_cpu(
 ) -> None:
     """GPUs take the multi-tensor path without CPU batching (u kept in the block workspace,
     per-block scale): run that path here, where the reference can check it."""
-    import lightning_tvlars.optim.update as update
+    import lightning_tvlars.optim.workspace as update
 
     monkeypatch.setattr(update, "BATCHED_DEVICES", frozenset())
     ours, plain = _run_pair(True, phase, clip)

@@ -42,8 +42,8 @@ from torch.distributed.tensor.parallel import (
 )
 
 from lightning_tvlars import TVLARS, SigmoidPhase, param_groups
+from lightning_tvlars.optim import base as base_module
 from lightning_tvlars.optim import norms as norms_module
-from lightning_tvlars.optim import tvlars as tvlars_module
 from lightning_tvlars.optim.norms import ReductionPlan, local_gradients, local_tensor
 
 STEPS = 3
@@ -233,7 +233,7 @@ def partial_gradients_taken_as_local() -> Iterator[None]:
     def naive(params: object, grads: list[Tensor]) -> list[Tensor]:
         return [local_tensor(g) for g in grads]
 
-    with mock.patch.object(tvlars_module, "local_gradients", naive):
+    with mock.patch.object(base_module, "local_gradients", naive):
         yield
 
 

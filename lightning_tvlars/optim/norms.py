@@ -183,19 +183,6 @@ def _finish(entry: _PackEntry, summed: Tensor, p: Tensor) -> Tensor:
     return summed
 
 
-def accumulation_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    """float32, or float64 when any tensor is float64: norms never accumulate in 16 bits."""
-    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
-
-
-def local_norms(tensors: Sequence[Tensor], *, foreach: bool) -> Tensor:
-    """``||x||_2`` of every (local) tensor as one vector (one kernel pass with ``foreach``)."""
-    dtype = accumulation_dtype(tensors)
-    if foreach:
-        return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=dtype))
-    return torch.stack([torch.linalg.vector_norm(x, 2, dtype=dtype) for x in tensors])
-
-
 #: FSDP1 sharding of a parameter: the shard process group, or ``None`` when not sharded.
 ShardGroups = Mapping[int, "dist.ProcessGroup | None"]
 

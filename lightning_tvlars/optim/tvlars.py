@@ -1,4 +1,4 @@
-r"""The TVLARS optimizer (Do et al., arXiv 2309.14053).
+r"""TVLARS: LARS whose trust ratio is multiplied by a decaying phase (Do et al., arXiv 2309.14053).
 
 For optimizer step :math:`t` (0 for the first step) and every tensor :math:`w` with gradient
 :math:`g` in a group with learning rate :math:`\eta_{lr}`, momentum :math:`m`, weight decay
@@ -13,92 +13,74 @@ For optimizer step :math:`t` (0 for the first step) and every tensor :math:`w` w
 
 Tensors of groups with ``adapt=False`` (biases, normalization parameters) take
 :math:`b \leftarrow m b + u`: no trust ratio and no phase. With ``phase=None``, :math:`\phi = 1`
-and this is LARS in the form of Barlow Twins / SimCLR.
+and this is LARS in the form of Barlow Twins / SimCLR. ``nesterov=True`` steps by
+:math:`\phi r u + m b` instead of :math:`b` (timm's ``nlars``); ``maximize=True`` ascends
+(:math:`u = -g + \beta w`).
 
-This class holds the hyper-parameters, the state and the bookkeeping of a step (gathering the
-local tensors, mixed-precision unscaling, the one norm reduction under sharding, the skip
-decision, statistics); the arithmetic lives in :mod:`lightning_tvlars.optim.update`.
+:class:`TVLARS` holds the options and the state; :func:`tvlars` is the update, in two
+implementations that compute the same thing: ``_single_tensor_*`` (elementwise operations per
+tensor: any layout and device, float32 arithmetic for 16-bit tensors, and what ``torch.compile``
+fuses) and ``_multi_tensor_*`` (a fixed number of multi-tensor calls per batch, see
+:mod:`~lightning_tvlars.optim.workspace`, ending in torch's fused momentum-SGD kernel).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
-from lightning_tvlars._validation import (
-    check_non_negative,
-    check_positive,
-    check_unit_interval,
-)
+from lightning_tvlars._validation import check_non_negative, check_positive, check_unit_interval
+from lightning_tvlars.optim.base import LayerwiseOptimizer, Phase
 from lightning_tvlars.optim.groups import param_groups, split_by_ndim
-from lightning_tvlars.optim.norms import (
-    ReductionPlan,
-    ShardGroups,
-    fsdp1_shard_groups,
-    is_dtensor,
-    is_flat_parameter,
-    local_gradients,
-    local_norms,
-    local_tensor,
+from lightning_tvlars.optim.norms import local_tensor
+from lightning_tvlars.optim.trust import (
+    Formed,
+    Reduce,
+    StepResult,
+    accumulation_dtype,
+    compute_dtype,
+    empty_result,
+    layerwise_step,
+    no_reduction,
+    tensor_norms,
+    trust_ratio,
 )
-from lightning_tvlars.optim.stats import GroupRecord, StepRecord, TVLARSStepStats
-from lightning_tvlars.optim.update import (
-    GroupPlans,
-    GroupTensors,
-    MultiTensorUpdate,
-    PlainUpdate,
-    StepFlags,
-    by_device_and_dtype,
-)
+from lightning_tvlars.optim.workspace import Batch, Bucket, Layout, LayoutCache
 from lightning_tvlars.phase import SigmoidPhase
-
-#: Hyper-parameters a group may set; any other key is carried along untouched (``param_names``,
-#: ``name``, timm's ``lr_scale``, ...), as torch's own optimizers do.
-GROUP_HYPERPARAMETERS = (
-    "lr",
-    "momentum",
-    "weight_decay",
-    "trust_coefficient",
-    "norm_clip",
-    "adapt",
-    "foreach",
-)
 
 _REFERENCE_WEIGHT_DECAY = 5e-4
 _REFERENCE_NORM_CLIP = 10.0
 
-Update = PlainUpdate | MultiTensorUpdate
+
+class LarsGroup(NamedTuple):
+    """One parameter group's tensors and options, as :func:`tvlars` takes them."""
+
+    params: list[Tensor]  # as held (DTensor, FSDP1 views): the norms' reduction and statistics
+    weights: list[Tensor]  # their local tensors, read and written
+    grads: list[Tensor]  # local, laid out like the weights
+    momentum_buffers: list[Tensor]  # local; empty when momentum == 0
+    lr: float
+    momentum: float
+    weight_decay: float
+    trust_coefficient: float
+    norm_clip: float | None
+    adapt: bool
+    nesterov: bool = False
+    maximize: bool = False
+    foreach: bool | None = None
 
 
-def trust_ratio(
-    weight_norm: Tensor,
-    update_norm: Tensor,
-    trust_coefficient: float,
-    norm_clip: float | None = None,
-) -> Tensor:
-    """``eta * ||w|| / ||u||`` element-wise, and 1 where either norm is 0.
-
-    With ``norm_clip`` both norms are clamped to at most ``norm_clip`` before the ratio (the
-    authors' code uses 10). No host synchronisation: zero norms are handled with ``torch.where``.
-    """
-    w, u = weight_norm, update_norm
-    if norm_clip is not None:
-        w, u = w.clamp(max=norm_clip), u.clamp(max=norm_clip)
-    return torch.where((weight_norm > 0) & (update_norm > 0), trust_coefficient * w / u, 1.0)
-
-
-class TVLARS(Optimizer):
+class TVLARS(LayerwiseOptimizer):
     """Time-Varying LARS: LARS whose trust ratio is multiplied by a decaying phase phi(t).
 
     Args:
-        params: tensors, or parameter groups (dicts). Group keys: ``lr``, ``momentum``,
-            ``weight_decay``, ``trust_coefficient``, ``norm_clip``, ``adapt``, ``foreach``;
-            any other key (``param_names``, ``name``, timm's ``lr_scale``) is carried along.
-            :func:`~lightning_tvlars.param_groups` builds the usual split (biases and
+        params: tensors, or parameter groups (dicts). Group keys: the options below (but
+            ``phase``) and ``adapt`` (default True: trust ratio and phase; False: plain momentum
+            SGD); any other key (``param_names``, ``name``, timm's ``lr_scale``) is carried
+            along. :func:`~lightning_tvlars.param_groups` builds the usual split (biases and
             normalization parameters not adapted, not decayed).
         lr: learning rate, a float > 0. TVLARS uses no warm-up: this is the rate from the first
             step.
@@ -109,12 +91,15 @@ class TVLARS(Optimizer):
             ``step -> float``; ``None`` means phi == 1, i.e. plain LARS.
         norm_clip: if set (> 0), ``||w||`` and ``||u||`` are each clamped to at most this value
             before the ratio, as in the authors' code.
+        nesterov: Nesterov momentum (timm's ``nlars``); needs ``momentum > 0``.
+        maximize: ascend the objective instead of descending it.
         foreach: ``None`` (default) or ``True``: the multi-tensor path (a fixed number of
             kernels whatever the number of tensors on CUDA, cache-sized batches on CPU);
             ``True`` raises on devices without torch's fused kernels, where ``None`` takes the
             elementwise path. ``False``: the elementwise reference path. Either way, tensors
             whose layout the fused kernels cannot take (views with gaps, gradients with other
-            strides than their parameter) take the elementwise path.
+            strides than their parameter) and 16-bit tensors (computed in float32) take the
+            elementwise path.
 
     The step count t is stored in every parameter group (``group["step"]``), so it travels with
     ``state_dict()`` under every checkpointing scheme and loads with
@@ -146,20 +131,17 @@ class TVLARS(Optimizer):
         (1, 0.731)
     """
 
-    @property
-    def _step_supports_amp_scaling(self) -> bool:  # read by torch.amp.GradScaler
-        """Unscale inside the step, unless parameters are sharded (DTensor, FSDP1 views).
-
-        ``ShardedGradScaler`` all-reduces ``found_inf`` across ranks only in ``unscale_``, which
-        it skips for optimizers that unscale themselves: their ranks would keep different
-        scales. For sharded parameters TVLARS therefore lets the scaler unscale (one host sync
-        per step, where the scaler checks ``found_inf``).
-        """
-        return not any(
-            is_dtensor(p) or getattr(p, "_fsdp_flattened", False)
-            for group in self.param_groups
-            for p in group["params"]
-        )
+    OPTIONS = (
+        "lr",
+        "momentum",
+        "weight_decay",
+        "trust_coefficient",
+        "norm_clip",
+        "adapt",
+        "nesterov",
+        "maximize",
+        "foreach",
+    )
 
     def __init__(
         self,
@@ -168,23 +150,13 @@ class TVLARS(Optimizer):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         trust_coefficient: float = 1e-3,
-        phase: SigmoidPhase | Callable[[int], float] | None = None,
+        phase: Phase = None,
         norm_clip: float | None = None,
+        *,
+        nesterov: bool = False,
+        maximize: bool = False,
         foreach: bool | None = None,
     ) -> None:
-        if phase is not None and not callable(phase):
-            raise TypeError(
-                f"phase={phase!r} is invalid: expected a SigmoidPhase, a callable "
-                "step -> float, or None"
-            )
-        self.phase = phase
-        self._group_plans = GroupPlans()
-        # A dict slot, not an attribute: torch.compile replays dict mutations of the optimizer
-        # but drops attribute stores on it.
-        self._last: dict[str, StepRecord] = {}
-        self._fsdp1_groups: ShardGroups = {}
-        # (parameter ids, plan), in a dict for the same reason as _last
-        self._plans: dict[tuple[int, ...], ReductionPlan] = {}
         defaults = {
             "lr": lr,
             "momentum": momentum,
@@ -192,9 +164,11 @@ class TVLARS(Optimizer):
             "trust_coefficient": trust_coefficient,
             "norm_clip": norm_clip,
             "adapt": True,
+            "nesterov": nesterov,
+            "maximize": maximize,
             "foreach": foreach,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, phase)
 
     @classmethod
     def reference(
@@ -223,246 +197,237 @@ class TVLARS(Optimizer):
             groups = split_by_ndim(params, decay_rate)
         return cls(groups, lr=lr, **kwargs)
 
-    # ------------------------------------------------------------------ groups and state
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        step = self.param_groups[0]["step"] if self.param_groups else 0
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if isinstance(group["lr"], Tensor):
-            raise ValueError(
-                f"lr={group['lr']!r} is invalid: a Tensor lr is not supported by TVLARS; "
-                "expected a float > 0"
-            )
-        check_positive("lr", group["lr"])
+    def _check_group(self, group: dict[str, Any]) -> None:
         check_unit_interval("momentum", group["momentum"])
         check_non_negative("weight_decay", group["weight_decay"])
         check_positive("trust_coefficient", group["trust_coefficient"])
         if group["norm_clip"] is not None:
             check_positive("norm_clip", group["norm_clip"])
-        if not isinstance(group["adapt"], bool):
-            raise TypeError(f"adapt={group['adapt']!r} is invalid: expected True or False")
-        if group["foreach"] not in (None, True, False):
+        for key in ("adapt", "nesterov", "maximize"):
+            if not isinstance(group[key], bool):
+                raise TypeError(f"{key}={group[key]!r} is invalid: expected True or False")
+        if group["nesterov"] and group["momentum"] == 0:
             raise ValueError(
-                f"foreach={group['foreach']!r} is invalid: expected None, True or False"
+                f"nesterov=True is invalid with momentum={group['momentum']!r}: Nesterov "
+                "momentum needs momentum > 0"
             )
-        for p in group["params"]:
-            if is_flat_parameter(p):
-                raise ValueError(
-                    "FSDP1 FlatParameters are not supported: each one concatenates several "
-                    "layers, so layer-wise norms do not exist; wrap with use_orig_params=True "
-                    "(Lightning's default) or use FSDP2 (fully_shard / ModelParallelStrategy)"
-                )
-            if p.is_sparse or p.is_complex():
-                raise TypeError(
-                    f"TVLARS supports dense real tensors, got a tensor of layout "
-                    f"{p.layout} and dtype {p.dtype}"
-                )
-        group["step"] = step  # one counter shared by all groups, see step_count
 
-    def __getstate__(self) -> dict[str, Any]:
-        # torch keeps defaults, state and param_groups; the phase is needed to step too.
-        # Scratch memory, the reduction plan and FSDP1 process groups are not copied: a copy
-        # builds its own (and an FSDP1 copy must be attached to its model again).
-        return {**super().__getstate__(), "phase": self.phase}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # Unpickling and copying build a new object; load_state_dict calls this on the live
-        # one, whose FSDP1 registration stays (its model is the same).
-        super().__setstate__(state)
-        self.__dict__.setdefault("phase", None)
-        self.__dict__.setdefault("_fsdp1_groups", {})
-        self._group_plans = GroupPlans()
-        self._last = {}
-        self._plans = {}
-        for group in self.param_groups:
-            group.setdefault("step", 0)
-            group.setdefault("foreach", None)
-
-    # ------------------------------------------------------------------ sharding
-
-    def attach_fsdp(self, model: nn.Module) -> None:
-        """Register the shard process groups of an FSDP1 model (``use_orig_params=True``).
-
-        Call it once after wrapping; ``configure_tvlars`` does it under Lightning's
-        ``FSDPStrategy``. FSDP2 (DTensor) and DDP need nothing.
-        """
-        self._fsdp1_groups = fsdp1_shard_groups(model)
-        self._plans.clear()
-
-    def _reduction_plan(self, params: list[Tensor]) -> ReductionPlan:
-        key = tuple(map(id, params))
-        if key not in self._plans:
-            self._plans.clear()  # one parameter set at a time: no growth
-            self._plans[key] = ReductionPlan.build(params, self._fsdp1_groups)
-        return self._plans[key]
-
-    def full_norms(self, params: list[Tensor], tensors: list[Tensor]) -> Tensor:
-        """Norms of full tensors given per-parameter tensors (e.g. gradients) of ``params``.
-
-        ``tensors[i]`` has the layout of ``params[i]`` (DTensor or local piece); the result is
-        exact under sharding, at the cost of at most one collective per process group.
-        """
-        local = local_norms(local_gradients(params, tensors), foreach=True)
-        return self._reduction_plan(params).reduce(local)
-
-    @property
-    def step_count(self) -> int:
-        """t: the number of optimizer steps taken so far (0 before the first step)."""
-        return int(self.param_groups[0]["step"])
-
-    @property
-    def last_step_stats(self) -> TVLARSStepStats | None:
-        """Statistics of the last step (``None`` before the first), still on the device.
-
-        Built on access (one ``cat`` for the trust ratios), so steps that nobody logs pay nothing.
-        """
-        last = self._last.get("step")
-        return None if last is None else last.stats()
-
-    # ------------------------------------------------------------------ the step
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+        if group["momentum"] != 0 and "momentum_buffer" not in self.state[p]:
+            self.state[p]["momentum_buffer"] = torch.zeros_like(
+                p, memory_format=torch.preserve_format
+            )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one TVLARS step; ``closure`` (re-evaluating the loss) runs with grad enabled."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        t = self.step_count
-        grad_scale: Tensor | None = getattr(self, "grad_scale", None)  # set by GradScaler
-        found_inf: Tensor | None = getattr(self, "found_inf", None)
-        groups = [tensors for group in self.param_groups if (tensors := self._gather(group)).params]
-        self._localize_gradients(groups)
-        if not groups:
-            self._finish(StepRecord.empty(t, self._phase_value(t, torch.device("cpu"))))
-            return loss
-        device = groups[0].weights[0].device
-        phi = self._phase_value(t, device)
-        if grad_scale is not None:
-            _unscale_([g for tensors in groups for g in tensors.grads], grad_scale)
-
-        updates = self._updates(groups)
-        norms = [update.norms() for group_updates in updates for update in group_updates]
-        ordered = [
-            (tensors, [i for update in group_updates for i in update.order])
-            for tensors, group_updates in zip(groups, updates, strict=True)
-        ]
-        params = [tensors.params[i] for tensors, order in ordered for i in order]
-        local = torch.cat([w.to(device) for w, _ in norms] + [u.to(device) for _, u in norms])
-        weight_norm, update_norm = self._reduction_plan(params).reduce(local).split(len(params))
-        skipped = update_norm.isfinite().all().logical_not()
-        if found_inf is not None:
-            skipped = skipped | (found_inf.to(device) > 0)
-        flags = StepFlags(skipped)
-
-        records: list[GroupRecord] = []
-        start = 0
-        for (tensors, order), group_updates in zip(ordered, updates, strict=True):
-            group, end = tensors.group, start + len(order)
-            ratio = scale = None
-            if group["adapt"]:
-                ratio = trust_ratio(
-                    weight_norm[start:end],
-                    update_norm[start:end],
-                    group["trust_coefficient"],
-                    group["norm_clip"],
-                )
-                scale = ratio if isinstance(phi, float) and phi == 1.0 else ratio * phi
-            offset = 0
-            for update in group_updates:
-                n = len(update.order)
-                update.apply(scale[offset : offset + n] if scale is not None else None, flags)
-                offset += n
-            records.append(
-                GroupRecord(
-                    [tensors.params[i] for i in order],
-                    [tensors.names[i] for i in order],
-                    group["adapt"],
-                    float(group["lr"]),
-                    ratio,
+        loss = self._evaluate(closure)
+        groups = []
+        for group, tensors in zip(self.param_groups, self._gather(self._init_state), strict=True):
+            if not tensors.params:
+                continue
+            buffers = (
+                [local_tensor(self.state[p]["momentum_buffer"]) for p in tensors.params]
+                if group["momentum"] != 0
+                else []
+            )
+            groups.append(
+                LarsGroup(
+                    *tensors,
+                    momentum_buffers=buffers,
+                    **{k: group[k] for k in self.OPTIONS},
                 )
             )
-            start = end
-        self._finish(StepRecord(t, phi, records, weight_norm, update_norm, skipped))
+        device = groups[0].weights[0].device if groups else torch.device("cpu")
+        phase = self._phase_value(device)
+        result = (
+            tvlars(
+                groups,
+                phase=phase,
+                reduce=self.reduce_norms,
+                found_inf=self._found_inf(),
+                layouts=self._layouts,
+            )
+            if groups
+            else empty_result()
+        )
+        self._finish(phase, result)
         return loss
 
-    def _finish(self, record: StepRecord) -> None:
-        self._last["step"] = record
-        for group in self.param_groups:
-            group["step"] = record.step + 1
 
-    @staticmethod
-    def _localize_gradients(groups: list[GroupTensors]) -> None:
-        """Every gradient as the local piece laid out like its parameter's (one call for the
-        whole step: gradients that tensor parallelism leaves ``Partial`` are summed in one
-        collective per process group)."""
-        params = [p for tensors in groups for p in tensors.params]
-        local = iter(local_gradients(params, [g for tensors in groups for g in tensors.grads]))
-        for tensors in groups:
-            tensors.grads = [next(local) for _ in tensors.grads]
-            if any(g.is_sparse for g in tensors.grads):
-                raise TypeError("TVLARS does not support sparse gradients")
+def tvlars(
+    groups: Sequence[LarsGroup],
+    *,
+    phase: float | Tensor = 1.0,
+    reduce: Reduce = no_reduction,
+    found_inf: Tensor | None = None,
+    layouts: LayoutCache | None = None,
+) -> StepResult:
+    """One TVLARS step of ``groups`` (see the module docstring for the rule).
 
-    def _gather(self, group: dict[str, Any]) -> GroupTensors:
-        """The local weight, the gradient (as held) and the momentum buffer of every parameter
-        with a gradient."""
-        names = group.get("param_names")
-        tensors = GroupTensors(group)
-        momentum = group["momentum"] != 0
-        for i, p in enumerate(group["params"]):
-            grad = p.grad
-            if grad is None:
-                if id(p) not in self._fsdp1_groups:
-                    continue
-                # FSDP1 leaves grad None where this rank's shard of p is empty: keep the list
-                # identical on all ranks so that the norm reduction matches everywhere.
-                grad = torch.zeros_like(local_tensor(p))
-            tensors.params.append(p)
-            tensors.names.append(names[i] if names else None)
-            tensors.weights.append(local_tensor(p))
-            tensors.grads.append(grad)
-            if momentum:
-                state = self.state[p]
-                buffer = state.get("momentum_buffer")
-                if buffer is None:
-                    buffer = state["momentum_buffer"] = torch.zeros_like(
-                        p, memory_format=torch.preserve_format
-                    )
-                tensors.buffers.append(local_tensor(buffer))
-        return tensors
-
-    def _updates(self, groups: list[GroupTensors]) -> list[list[Update]]:
-        """Split each group between the implementations (see :mod:`~lightning_tvlars.optim.update`).
-
-        Multi-tensor (``foreach`` None or True) for every tensor whose layout the fused kernels
-        take, one batch set per device and dtype; the elementwise path for the others, for
-        ``foreach=False``, for devices without fused kernels and under ``torch.compile``. The
-        split is cached per group and rebuilt when the tensors' storage or layout changes.
-        """
-        if torch.compiler.is_compiling():
-            # Inductor fuses the elementwise path; the fused kernel has no fake implementation.
-            return [[PlainUpdate(tensors)] for tensors in groups]
-        multi = [tensors for tensors in groups if tensors.group["foreach"] is not False]
-        plans = iter(self._group_plans.plans(multi))
-        return [
-            [PlainUpdate(tensors)]
-            if tensors.group["foreach"] is False
-            else next(plans).updates(tensors)
-            for tensors in groups
-        ]
-
-    def _phase_value(self, t: int, device: torch.device) -> float | Tensor:
-        """phi(t): a host float in eager mode; a tensor op while ``torch.compile`` traces."""
-        if self.phase is None:
-            return 1.0
-        if torch.compiler.is_compiling() and hasattr(self.phase, "tensor"):
-            return self.phase.tensor(torch.scalar_tensor(t, device=device))
-        return float(self.phase(t))
+    Args:
+        groups: each group's tensors and options; every tensor has a gradient.
+        phase: phi(t) for the adapted tensors (a 0-d tensor under ``torch.compile``).
+        reduce: full-tensor norms from local ones (sharded parameters).
+        found_inf: GradScaler's verdict; the step is skipped on the device when it is > 0.
+        layouts: the multi-tensor layouts kept between steps (built afresh when None).
+    """
+    cache = layouts if layouts is not None else LayoutCache()
+    work = [
+        (group, bucket)
+        for group in groups
+        for bucket in cache.buckets(
+            group.params,
+            group.weights,
+            group.grads,
+            [group.momentum_buffers] if group.momentum_buffers else [],
+            foreach=group.foreach,
+            workspaces=int(group.adapt or group.weight_decay != 0),
+        )
+    ]
+    result = layerwise_step(
+        work,
+        directions=_directions,
+        ratio=_ratio,
+        apply=_apply,
+        phase=phase,
+        reduce=reduce,
+        found_inf=found_inf,
+    )
+    cache.end_step()
+    return result
 
 
-def _unscale_(grads: list[Tensor], grad_scale: Tensor) -> None:
-    """Divide gradients in place by GradScaler's scale, one multi-tensor call per device/dtype."""
-    inverse = grad_scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
-    for (device, _), index in by_device_and_dtype(grads).items():
-        torch._foreach_mul_([grads[i] for i in index], inverse.to(device))
+def _ratio(group: LarsGroup, weight_norm: Tensor, update_norm: Tensor) -> Tensor:
+    return trust_ratio(weight_norm, update_norm, group.trust_coefficient, group.norm_clip)
+
+
+def _directions(group: LarsGroup, bucket: Bucket) -> Formed:
+    if bucket.layout is None:
+        return _single_tensor_directions(group, bucket.members)
+    return _multi_tensor_directions(group, bucket.layout)
+
+
+def _apply(
+    group: LarsGroup, bucket: Bucket, carry: Any, scale: Tensor | None, skipped: Tensor
+) -> None:
+    if bucket.layout is None:
+        _single_tensor_apply(group, bucket.members, carry, scale, skipped)
+    else:
+        _multi_tensor_apply(group, bucket.layout, carry, scale, skipped)
+
+
+# ---------------------------------------------------------------------- elementwise
+
+
+def _single_tensor_directions(group: LarsGroup, index: list[int]) -> Formed:
+    """``u = ±g + weight_decay * w`` per tensor, in float32 for 16-bit tensors."""
+    weights = [group.weights[i] for i in index]
+    updates = []
+    for i, w in zip(index, weights, strict=True):
+        dtype = compute_dtype(w.dtype)
+        u = group.grads[i].to(dtype)
+        if group.maximize:
+            u = -u
+        if group.weight_decay != 0:
+            u = u + w.to(dtype) * group.weight_decay
+        updates.append(u)
+    dtype, device = accumulation_dtype(weights), weights[0].device
+    return Formed(
+        tensor_norms(weights, dtype, device), tensor_norms(updates, dtype, device), updates
+    )
+
+
+def _single_tensor_apply(
+    group: LarsGroup,
+    index: list[int],
+    updates: list[Tensor],
+    scale: Tensor | None,
+    skipped: Tensor,
+) -> None:
+    """``b = m b + s u; w -= lr (b, or s u + m b with Nesterov)``, unless ``skipped``."""
+    for k, (i, u) in enumerate(zip(index, updates, strict=True)):
+        w = group.weights[i]
+        keep = skipped.to(w.device)
+        if scale is not None:
+            u = u * scale[k].to(w.device, u.dtype)
+        step = u
+        if group.momentum_buffers:
+            buffer = group.momentum_buffers[i]
+            new = buffer.to(u.dtype) * group.momentum + u
+            buffer.copy_(torch.where(keep, buffer, new))
+            step = u + group.momentum * new if group.nesterov else new
+        w.copy_(torch.where(keep, w, w.to(u.dtype) - group.lr * step))
+
+
+# ---------------------------------------------------------------------- multi-tensor
+
+
+def _form(group: LarsGroup, layout: Layout, batch: Batch, grads: list[Tensor]) -> list[Tensor]:
+    """``u = g ± weight_decay * w`` in the batch's workspace (the gradients themselves without
+    one). With ``maximize`` the sign of the decay flips: the fused kernel negates ``u``."""
+    if not batch.views:
+        return grads
+    (views,) = batch.views
+    decay = -group.weight_decay if group.maximize else group.weight_decay
+    if layout.per_tensor:  # one pass per tensor, no fresh output
+        for view, g, w in zip(views, grads, batch.weights, strict=True):
+            torch.add(g, w, alpha=decay, out=view) if decay != 0 else view.copy_(g)
+        return views
+    torch._foreach_copy_(views, grads)
+    if decay != 0:
+        torch._foreach_add_(views, batch.weights, alpha=decay)
+    return views
+
+
+def _multi_tensor_directions(group: LarsGroup, layout: Layout) -> Formed:
+    """Batch by batch: ``u`` in the workspace, then the norms of ``w`` and ``u`` while they are
+    in cache. Returns the gradients cut into the batches' entries."""
+    grads = [batch.cut([group.grads[i] for i in layout.members]) for batch in layout.batches]
+    dtype = accumulation_dtype(layout.batches[0].weights)
+    weight_norms: list[Tensor] = []
+    update_norms: list[Tensor] = []
+    for batch, g in zip(layout.batches, grads, strict=True):
+        updates = _form(group, layout, batch, g)
+        norms = torch._foreach_norm([*batch.weights, *updates], 2, dtype=dtype)
+        weight_norms += norms[: len(g)]
+        update_norms += norms[len(g) :]
+    return Formed(
+        layout.tensor_norms(torch.stack(weight_norms)),
+        layout.tensor_norms(torch.stack(update_norms)),
+        grads,
+    )
+
+
+def _multi_tensor_apply(
+    group: LarsGroup,
+    layout: Layout,
+    grads: list[list[Tensor]],
+    scale: Tensor | None,
+    skipped: Tensor,
+) -> None:
+    """Per batch, backwards: scale ``u`` per block, then torch's fused momentum-SGD kernel
+    (a no-op when ``found_inf``). With cache-sized batches (CPU) the shared workspace still
+    holds the last batch's ``u`` (and that batch is still in cache); the others form it
+    again."""
+    first = layout.batches[0]
+    found_inf = skipped.to(first.owner.device, torch.float32)
+    if scale is not None:
+        scale = scale.to(first.owner.device, first.weights[0].dtype)
+    for k, (batch, g) in enumerate(reversed(list(zip(layout.batches, grads, strict=True)))):
+        updates = _form(group, layout, batch, g) if k > 0 else (batch.views or [g])[0]
+        if scale is not None:
+            batch.matrices[0].mul_(scale.index_select(0, batch.owner).unsqueeze(1))
+        torch._fused_sgd_(
+            batch.weights,
+            updates,
+            batch.state[0] if group.momentum_buffers else [],
+            weight_decay=0.0,
+            momentum=group.momentum,
+            lr=group.lr,
+            dampening=0.0,
+            nesterov=group.nesterov,
+            maximize=group.maximize,
+            is_first_step=False,  # buffers start at zero: m * 0 + u == u
+            found_inf=found_inf,
+        )
