@@ -17,6 +17,7 @@ from lightning_tvlars.optim import (
     param_groups,
     trust_ratio,
 )
+from lightning_tvlars.optim.timm_registry import register_with_timm
 from lightning_tvlars.phase import ConstantPhase, SigmoidPhase
 from lightning_tvlars.schedule import FittedPhase, TVLARSScheduler
 from lightning_tvlars.sharpness import SharpnessReport, measure_sharpness
@@ -49,6 +50,7 @@ __all__ = [
     "__version__",
     "measure_sharpness",
     "param_groups",
+    "register_with_timm",
     "trust_ratio",
     "tvlars_metrics",
     *_LIGHTNING_NAMES,

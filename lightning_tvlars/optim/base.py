@@ -102,7 +102,7 @@ class LayerwiseOptimizer(Optimizer):
             )
         check_positive("lr", group["lr"])
         self._check_group(group)
-        if group["foreach"] not in (None, True, False):
+        if group["foreach"] is not None and not isinstance(group["foreach"], bool):
             raise ValueError(
                 f"foreach={group['foreach']!r} is invalid: expected None, True or False"
             )

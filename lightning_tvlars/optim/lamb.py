@@ -296,7 +296,7 @@ def lamb(
             group.grads,
             [group.exp_avgs, group.exp_avg_sqs],
             foreach=group.foreach if group.grad_averaging and group.bias_correction else False,
-            workspaces=functools.partial(_workspaces, clipped=clip is not None),
+            workspaces=3 if clip is None else 4,
             accelerator_batch=ACCELERATOR_BATCH,
         )
     ]
@@ -322,26 +322,18 @@ def _clip_factor(groups: Sequence[LambGroup], max_grad_norm: float, reduce: Redu
     return (torch.linalg.vector_norm(norms) / max_grad_norm).clamp(min=1.0)
 
 
-def _workspaces(dtype: torch.dtype, *, clipped: bool) -> int:
-    """``u`` and the two moments' copies; and ``g / c`` when clipping float64 tensors (torch's
-    kernels read their ``grad_scale`` in float32, exact for float32 gradients only)."""
-    return 4 if clipped and dtype == torch.float64 else 3
-
-
 def _kernel_grads(
     layout: Layout, batch: Batch, grads: list[Tensor], clip: Tensor | None, *, form: bool
-) -> tuple[list[Tensor], Tensor | None]:
-    """The gradients the fused kernels read and the ``grad_scale`` they divide them by:
-    ``(g, c)`` for float32, ``(g / c, None)`` for float64 (in the fourth workspace, formed
-    when ``form``)."""
+) -> list[Tensor]:
+    """The gradients the fused kernels read: ``g``, or ``g / c`` in the fourth workspace when
+    clipping (formed when ``form``). Not the kernels' own ``grad_scale``: they write the
+    divided gradient back into what they read, and read the scale in float32 only."""
     if clip is None:
-        return grads, None
-    if len(batch.views) == 3:
-        return grads, clip.to(batch.owner.device, torch.float32)
+        return grads
     if form:
         _copy(layout, batch.views[3], grads)
         batch.matrices[3].div_(clip.to(batch.owner.device, batch.matrices[3].dtype))
-    return batch.views[3], None
+    return batch.views[3]
 
 
 def _ratio(group: LambGroup, weight_norm: Tensor, update_norm: Tensor) -> Tensor:
@@ -448,7 +440,7 @@ def _form(
     ``weight_decay * w`` (or zeros)."""
     updates, exp_avgs, exp_avg_sqs = batch.views[:3]
     weight_matrix = batch.matrices[0]
-    grads, grad_scale = _kernel_grads(layout, batch, grads, clip, form=True)
+    grads = _kernel_grads(layout, batch, grads, clip, form=True)
     _copy(layout, exp_avgs, batch.state[0])
     _copy(layout, exp_avg_sqs, batch.state[1])
     if _decays_update(group):
@@ -470,7 +462,6 @@ def _form(
         eps=group.eps,
         amsgrad=False,
         maximize=group.maximize,
-        grad_scale=grad_scale,
     )
 
 
@@ -541,11 +532,11 @@ def _multi_tensor_apply(
     for k, (batch, g) in enumerate(reversed(list(zip(layout.batches, grads, strict=True)))):
         if k > 0 and not layout.per_tensor:
             _form(group, layout, batch, g, steps, clip)
-        g, grad_scale = _kernel_grads(layout, batch, g, clip, form=k > 0 and layout.per_tensor)
+        g = _kernel_grads(layout, batch, g, clip, form=k > 0 and layout.per_tensor)
         if decay is not None:
             torch._foreach_mul_(batch.weights, decay)
         if layout.per_tensor:
-            _adamw_per_tensor(group, batch, g, grad_scale, steps, rates, found_inf)
+            _adamw_per_tensor(group, batch, g, steps, rates, found_inf)
             continue
         if scale is not None:
             batch.matrices[0].mul_(scale.index_select(0, batch.owner).unsqueeze(1))
@@ -576,7 +567,6 @@ def _multi_tensor_apply(
             eps=group.eps,
             amsgrad=False,
             maximize=group.maximize,
-            grad_scale=grad_scale,
             found_inf=found_inf,
         )
 
@@ -585,7 +575,6 @@ def _adamw_per_tensor(
     group: LambGroup,
     batch: Batch,
     grads: list[Tensor],
-    grad_scale: Tensor | None,
     steps: list[Tensor],
     rates: Sequence[Tensor | float],
     found_inf: Tensor,
@@ -608,6 +597,5 @@ def _adamw_per_tensor(
             eps=group.eps,
             amsgrad=False,
             maximize=group.maximize,
-            grad_scale=grad_scale,
             found_inf=found_inf,
         )

@@ -22,7 +22,7 @@ strides, dtypes, the gradients' strides, the options that decide the path) and c
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -217,7 +217,7 @@ def split(
     state: Sequence[Sequence[Tensor]],
     *,
     foreach: bool | None,
-    workspaces: int | Callable[[torch.dtype], int],
+    workspaces: int,
     accelerator_batch: int | None = None,
 ) -> list[Bucket]:
     """A group's buckets: the multi-tensor layouts (one per device and dtype) for every tensor
@@ -225,7 +225,7 @@ def split(
     the others; ``foreach=False``: all elementwise. ``foreach=True`` raises for tensors on a
     device without torch's fused kernels. Layouts are cut into batches of ``CPU_BATCH``
     elements on CPU, of ``accelerator_batch`` (None: one batch) elsewhere, with
-    ``workspaces`` block workspaces (a number, or one per dtype)."""
+    ``workspaces`` block workspaces."""
     if foreach is False:
         return [Bucket(list(range(len(weights))), None)]
     if foreach:
@@ -244,10 +244,9 @@ def split(
         else:
             plain.append(i)
     buckets = [Bucket(plain, None)] if plain else []
-    for (device, dtype), index in fused.items():
+    for (device, _), index in fused.items():
         size = CPU_BATCH if device.type in BATCHED_DEVICES else accelerator_batch
-        count = workspaces(dtype) if callable(workspaces) else workspaces
-        layout = Layout.build(index, weights, state, workspaces=count, batch_size=size)
+        layout = Layout.build(index, weights, state, workspaces=workspaces, batch_size=size)
         buckets.append(Bucket(index, layout))
     return buckets
 
@@ -295,7 +294,7 @@ class LayoutCache:
         state: Sequence[Sequence[Tensor]],
         *,
         foreach: bool | None,
-        workspaces: int | Callable[[torch.dtype], int],
+        workspaces: int,
         accelerator_batch: int | None = None,
     ) -> list[Bucket]:
         """The buckets of a group's ``params`` (as held) for this step's local tensors (see

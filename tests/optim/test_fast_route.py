@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_tvlars import TVLARS, SigmoidPhase, param_groups
+from lightning_tvlars import LAMB, TVLARS, SigmoidPhase, param_groups
 from lightning_tvlars.optim import workspace as update
 from lightning_tvlars.optim.workspace import is_dense
 
-MULTI_TENSOR_OPS = ("_foreach_", "_fused_sgd")
+MULTI_TENSOR_OPS = ("_foreach_", "_fused_sgd", "_fused_adam")
 
 
 class MultiTensorCalls(TorchDispatchMode):
@@ -55,6 +55,8 @@ def fast_route_violations(calls: list[tuple[str, list[list[Tensor]], list[Tensor
                 problems.append(f"{name}: list {k} mixes dtypes")
             if not all(is_dense(t) for t in tensors):
                 problems.append(f"{name}: list {k} holds a tensor with gaps or overlaps")
+        if name.startswith("_fused_adam"):  # the per-tensor step counts are read as scalars
+            lists = [a for a in lists if not all(t.dim() == 0 for t in a)] or lists
         first = lists[0]
         for k, other in enumerate(lists[1:], 1):
             if len(other) != len(first) or any(
@@ -74,12 +76,17 @@ def _model(layers: int) -> nn.Module:
     )
 
 
-def _record(layers: int, phase: SigmoidPhase | None) -> MultiTensorCalls:
+OPTIMIZERS = {"TVLARS": TVLARS, "LAMB": LAMB}
+EACH = pytest.mark.parametrize("name", list(OPTIMIZERS))
+
+
+def _record(name: str, layers: int, phase: SigmoidPhase | None) -> MultiTensorCalls:
     """Calls of the second step of the accelerators' multi-tensor path, run here on CPU."""
     torch.manual_seed(0)
     model = _model(layers)
     x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
-    opt = TVLARS(param_groups(model, weight_decay=5e-4), lr=1.0, phase=phase, foreach=True)
+    groups = param_groups(model, weight_decay=5e-4)
+    opt = OPTIMIZERS[name](groups, lr=1.0, phase=phase, foreach=True)
     for _ in range(2):  # the second step: state exists, as in training
         opt.zero_grad()
         model(x).square().mean().backward()
@@ -96,16 +103,22 @@ def _accelerator_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("phase", [SigmoidPhase(decay=0.1, delay=5), None])
-def test_every_multi_tensor_call_is_on_the_fast_route(phase: SigmoidPhase | None) -> None:
-    recorder = _record(8, phase)
-    names = {name for name, _, _ in recorder.calls}
+@EACH
+def test_every_multi_tensor_call_is_on_the_fast_route(
+    name: str, phase: SigmoidPhase | None
+) -> None:
+    recorder = _record(name, 8, phase)
+    names = {call for call, _, _ in recorder.calls}
     assert {"_foreach_norm", "_fused_sgd_"} <= names  # the path under test really ran
+    if name == "LAMB":
+        assert "_fused_adam_" in names
     assert fast_route_violations(recorder.calls) == []
 
 
-def test_operator_count_does_not_grow_with_the_number_of_layers() -> None:
+@EACH
+def test_operator_count_does_not_grow_with_the_number_of_layers(name: str) -> None:
     phase = SigmoidPhase(decay=0.1, delay=5)
-    assert _record(8, phase).total == _record(32, phase).total
+    assert _record(name, 8, phase).total == _record(name, 32, phase).total
 
 
 def test_the_checker_catches_the_old_per_tensor_scale() -> None:
