@@ -19,6 +19,7 @@ from lightning_tvlars.optim import (
 )
 from lightning_tvlars.optim.timm_registry import register_with_timm
 from lightning_tvlars.phase import ConstantPhase, SigmoidPhase
+from lightning_tvlars.recipe import PhaseConfig, RunFacts, TVLARSConfig, build
 from lightning_tvlars.schedule import FittedPhase, TVLARSScheduler
 from lightning_tvlars.sharpness import SharpnessReport, measure_sharpness
 

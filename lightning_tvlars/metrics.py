@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_tvlars.optim import TVLARS, TVLARSStepStats
+from lightning_tvlars.optim import StepStats
+from lightning_tvlars.optim.base import LayerwiseOptimizer
 
 #: The whole-model metrics (``<prefix>/<name>``); every other metric is per layer.
 SCALAR_METRICS: tuple[str, ...] = (
@@ -59,15 +60,16 @@ def metric_prefix(index: int) -> str:
     return "tvlars" if index == 0 else f"tvlars_{index}"
 
 
-def unwrap_optimizer(optimizer: object) -> TVLARS:
-    """The TVLARS inside Lightning's ``LightningOptimizer`` or Fabric's ``_FabricOptimizer``."""
+def unwrap_optimizer(optimizer: object) -> LayerwiseOptimizer:
+    """The optimizer of the family (TVLARS, LAMB) inside Lightning's ``LightningOptimizer`` or
+    Fabric's ``_FabricOptimizer``."""
     inner = optimizer
     for _ in range(3):  # wrappers keep the wrapped optimizer in one of these attributes
-        if isinstance(inner, TVLARS):
+        if isinstance(inner, LayerwiseOptimizer):
             return inner
         inner = getattr(inner, "_optimizer", None) or getattr(inner, "optimizer", None)
     raise TypeError(
-        f"optimizer={type(optimizer).__name__} is invalid: expected a TVLARS optimizer (or "
+        f"optimizer={type(optimizer).__name__} is invalid: expected TVLARS or LAMB (or "
         "Lightning's / Fabric's wrapper of one)"
     )
 
@@ -100,7 +102,7 @@ def _adapted_index(adapted: tuple[bool, ...], device: torch.device) -> Tensor:
     return torch.tensor(chosen, dtype=torch.long, device=device)
 
 
-def _ratio_summary(stats: TVLARSStepStats) -> Tensor:
+def _ratio_summary(stats: StepStats) -> Tensor:
     """min, median, max of the adapted trust ratios (of all if none is adapted), on the device;
     NaN for a step without tensors."""
     ratios = stats.trust_ratio
@@ -110,7 +112,7 @@ def _ratio_summary(stats: TVLARSStepStats) -> Tensor:
     return torch.stack([chosen.min(), chosen.median(), chosen.max()])
 
 
-def _adapted_lr(stats: TVLARSStepStats, optimizer: TVLARS) -> float:
+def _adapted_lr(stats: StepStats, optimizer: LayerwiseOptimizer) -> float:
     lr = next((lr for lr, a in zip(stats.lr, stats.adapted, strict=True) if a), None)
     if lr is None:
         lr = stats.lr[0] if stats.lr else float(optimizer.param_groups[0]["lr"])
@@ -203,7 +205,7 @@ def read_step(
     """Every metric of the last step, copied to the host once (``None`` before the first step).
 
     Args:
-        optimizer: a TVLARS (or a wrapper of one).
+        optimizer: TVLARS or LAMB (or a wrapper of one).
         grad_norm: :func:`gradient_norms` of this step (computed by every rank).
         prefix: the metric prefix (see :func:`metric_prefix`).
         per_layer: include the per-layer metrics.
@@ -292,7 +294,8 @@ def tvlars_metrics(
     first step.
 
     Args:
-        optimizer: a :class:`~lightning_tvlars.TVLARS`, or Lightning's / Fabric's wrapper.
+        optimizer: :class:`~lightning_tvlars.TVLARS` or :class:`~lightning_tvlars.LAMB`, or
+            Lightning's / Fabric's wrapper of one.
         scheduler: its :class:`~lightning_tvlars.TVLARSScheduler`, for
             ``<prefix>/effective_batch_size`` (omitted without one).
         prefix: ``tvlars``; ``tvlars_1``, ... for further optimizers.

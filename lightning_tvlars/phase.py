@@ -164,14 +164,15 @@ class SigmoidPhase:
         With ``s = phi - floor``, ``1/(alpha + e^{lambda (t - d)}) = s`` at both points gives
         ``lambda = ln(A_1 / A_0) / (end_step - step)`` with ``A_0 = 1/s(step) - alpha`` and
         ``A_1 = alpha q / (1 - q)``, then ``d = step - ln(A_0) / lambda``. If phi has already
-        decayed that far at ``step`` (or ``end_step <= step``), it keeps ``self``, which goes on
-        decaying towards the floor.
+        decayed that far at ``step`` (within a relative 1e-6: at its own end, continuing would
+        stretch it into a flat line of decay ~1e-17), or ``end_step <= step``, it keeps ``self``,
+        which goes on decaying towards the floor.
         """
         q = check_open_interval("decayed_by_end", decayed_by_end, 0.5, 1.0)
         s0 = self(step) - self.floor
         a0 = 1.0 / s0 - self.alpha if s0 > 0 else math.inf
         a1 = self.alpha * q / (1.0 - q)
-        if end_step <= step or not 0 < a0 < a1:
+        if end_step <= step or not 0 < a0 < a1 / (1.0 + 1e-6):
             return self
         decay = math.log(a1 / a0) / (end_step - step)
         return SigmoidPhase(self.alpha, decay, step - math.log(a0) / decay, self.floor)

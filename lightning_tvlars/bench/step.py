@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_tvlars import TVLARS, SigmoidPhase
+from lightning_tvlars import LAMB, TVLARS, SigmoidPhase
 from lightning_tvlars._validation import device_argument, int_argument, missing_bench_modules
 from lightning_tvlars.optim.groups import split_by_ndim
 
@@ -129,6 +129,11 @@ def _tvlars(foreach: bool | None) -> Callable[[list[nn.Parameter]], torch.optim.
     )
 
 
+def _lamb(foreach: bool | None) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+    """The package's LAMB with timm's defaults (``max_grad_norm=1.0``), as ``timm Lamb``."""
+    return lambda ps: LAMB(split_by_ndim(ps, WEIGHT_DECAY), lr=1e-3, foreach=foreach)
+
+
 def _lightly_lars(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
     from lightly.utils.lars import LARS
 
@@ -146,7 +151,7 @@ def _timm(name: str, **kwargs: Any) -> Callable[[list[nn.Parameter]], torch.opti
 
 #: ``TVLARS`` is the default (``foreach=None``); ``TVLARS foreach`` forces the multi-tensor
 #: path, ``TVLARS per-tensor`` the elementwise one (``foreach=False``); ``TVLARS compiled``
-#: wraps the default step in ``torch.compile(fullgraph=True)``.
+#: wraps the default step in ``torch.compile(fullgraph=True)``; likewise for ``LAMB``.
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
     "SGD foreach": lambda ps: torch.optim.SGD(
         ps, lr=0.1, momentum=0.9, weight_decay=WEIGHT_DECAY, foreach=True
@@ -158,6 +163,9 @@ OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
     "TVLARS foreach": _tvlars(True),
     "TVLARS per-tensor": _tvlars(False),
     "TVLARS compiled": _tvlars(None),
+    "LAMB": _lamb(None),
+    "LAMB per-tensor": _lamb(False),
+    "LAMB compiled": _lamb(None),
     "lightly LARS": _lightly_lars,
     "timm Lars": _timm("Lars", momentum=0.9),
     "timm Lamb": _timm("Lamb"),
@@ -169,10 +177,14 @@ DEFAULT_OPTIMIZERS = (
     "SGD fused",
     "TVLARS",
     "TVLARS compiled",
+    "LAMB",
     "lightly LARS",
     "timm Lars",
     "timm Lamb",
 )
+#: Optimizers of the package (their bars are green; on CUDA their steps run under the sync
+#: debugger).
+OURS = ("TVLARS", "LAMB")
 
 
 @dataclass
@@ -285,7 +297,7 @@ def measure(
         optimizer = OPTIMIZERS[name](params)
         step: Callable[[], Any] = optimizer.step
         compile_s = None
-        compiled = name == "TVLARS compiled"
+        compiled = name.endswith(" compiled")
         if compiled:
             step = torch.compile(optimizer.step, fullgraph=True)
             start = time.perf_counter()
@@ -306,7 +318,7 @@ def measure(
         if cuda:
             result.kernels = count_kernels(step)
             result.extra_memory_mb = _extra_memory_mb(step)
-            if name.startswith("TVLARS"):
+            if name.startswith(OURS):
                 result.sync_free = _sync_free(step)
         steps[name], results[name] = step, result
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -418,8 +430,21 @@ def markdown(results: dict[str, list[Result]], device: str, environment: str) ->
                 cells += [_cell(r.kernels), _cell(r.extra_memory_mb, "{:.0f}")]
             cells += [syncs, f"{r.state_ratio:.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += ["", *_lamb_summary(by_name)]
     return "\n".join(lines)
+
+
+def _lamb_summary(by_name: dict[str, Result]) -> list[str]:
+    """The LAMB ratios the targets are stated in: LAMB / TVLARS and timm's Lamb / LAMB."""
+    lamb, tvlars, timm = (by_name.get(n) for n in ("LAMB", "TVLARS", "timm Lamb"))
+    if lamb is None:
+        return []
+    parts = []
+    if tvlars is not None:
+        parts.append(f"LAMB takes {_ratio_cell(lamb, tvlars, spread=True)} TVLARS's step")
+    if timm is not None:
+        parts.append(f"timm's Lamb takes {_ratio_cell(timm, lamb, spread=True)} LAMB's")
+    return ["; ".join(parts) + ".", ""]
 
 
 def plot(results: dict[str, list[Result]], device: str, path: Path) -> None:
@@ -433,7 +458,7 @@ def plot(results: dict[str, list[Result]], device: str, path: Path) -> None:
     for ax, (param_set, rows) in zip(axes[0], results.items(), strict=True):
         base = next(r for r in rows if r.optimizer == "SGD foreach")
         ratios = [r.ratio(base) for r in rows]
-        colors = ["tab:green" if r.optimizer.startswith("TVLARS") else "tab:gray" for r in rows]
+        colors = ["tab:green" if r.optimizer.startswith(OURS) else "tab:gray" for r in rows]
         ax.barh([r.optimizer for r in rows], ratios, color=colors)
         ax.axvline(1.0, color="black", lw=0.8)
         ax.set_xscale("log")

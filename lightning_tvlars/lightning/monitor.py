@@ -44,7 +44,7 @@ from lightning_tvlars.metrics import (
     read_step,
     summary_tensors,
 )
-from lightning_tvlars.optim import TVLARS
+from lightning_tvlars.optim.base import LayerwiseOptimizer
 
 
 class TVLARSMonitor(pl.Callback):
@@ -105,16 +105,16 @@ class TVLARSMonitor(pl.Callback):
         if not self._optimizers(trainer):
             found = [type(opt).__name__ for opt in trainer.optimizers] or "none"
             raise ValueError(
-                f"TVLARSMonitor needs a TVLARS optimizer, but the trainer has {found}; remove the "
-                "monitor or configure TVLARS (e.g. with TVLARSMixin or configure_tvlars)"
+                f"TVLARSMonitor needs a TVLARS or LAMB optimizer, but the trainer has {found}; "
+                "remove the monitor or configure one (e.g. with TVLARSMixin or configure_tvlars)"
             )
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
         self._last_step = {}
         self.logged_steps = 0
 
     @staticmethod
-    def _optimizers(trainer: pl.Trainer) -> list[TVLARS]:
-        return [opt for opt in trainer.optimizers if isinstance(opt, TVLARS)]
+    def _optimizers(trainer: pl.Trainer) -> list[LayerwiseOptimizer]:
+        return [opt for opt in trainer.optimizers if isinstance(opt, LayerwiseOptimizer)]
 
     def _should_log(self, trainer: pl.Trainer) -> bool:
         """Lightning's decision (``should_update_logs``), or every ``log_every_n_steps``."""
@@ -124,7 +124,7 @@ class TVLARSMonitor(pl.Callback):
         return step % self.log_every_n_steps == 0 or bool(trainer.should_stop)
 
     @staticmethod
-    def _effective_batch(trainer: pl.Trainer, optimizer: TVLARS) -> int | None:
+    def _effective_batch(trainer: pl.Trainer, optimizer: LayerwiseOptimizer) -> int | None:
         """From the optimizer's TVLARSScheduler plan, else from the trainer."""
         for config in trainer.lr_scheduler_configs:
             batch = getattr(getattr(config.scheduler, "plan", None), "effective_batch_size", None)
@@ -158,7 +158,7 @@ class TVLARSMonitor(pl.Callback):
                     self.logged_steps += 1
 
     def _log(
-        self, trainer: pl.Trainer, optimizer: TVLARS, prefix: str, batch: int | None, step: int
+        self, trainer: pl.Trainer, optimizer: LayerwiseOptimizer, prefix: str, batch: int | None, step: int
     ) -> None:
         # Every rank takes part: under sharding the gradient norms need one collective.
         grad_norm = gradient_norms(optimizer)

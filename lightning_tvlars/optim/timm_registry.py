@@ -30,6 +30,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_tvlars.optim.base import LayerwiseOptimizer
 from lightning_tvlars.optim.groups import split_groups_by_ndim
 from lightning_tvlars.optim.lamb import LAMB
 from lightning_tvlars.optim.tvlars import TVLARS
@@ -45,7 +46,9 @@ def _groups(params: Params) -> list[dict[str, Any]]:
     return split_groups_by_ndim(groups)  # type: ignore[arg-type]
 
 
-def _with_phase(cls: type[Optimizer], name: str, plain: str) -> Callable[..., Optimizer]:
+def _with_phase(
+    cls: type[LayerwiseOptimizer], name: str, plain: str
+) -> Callable[..., Optimizer]:
     def build(params: Params, **kwargs: Any) -> Optimizer:
         given = {k: kwargs.pop(k) for k in PHASE_KWARGS if k in kwargs}
         if "decay" not in given or "delay" not in given:
@@ -61,7 +64,9 @@ def _with_phase(cls: type[Optimizer], name: str, plain: str) -> Callable[..., Op
     return build
 
 
-def _without_phase(cls: type[Optimizer], name: str, phased: str) -> Callable[..., Optimizer]:
+def _without_phase(
+    cls: type[LayerwiseOptimizer], name: str, phased: str
+) -> Callable[..., Optimizer]:
     def build(params: Params, **kwargs: Any) -> Optimizer:
         phase = sorted(k for k in PHASE_KWARGS if k in kwargs)
         if phase:
