@@ -1,6 +1,8 @@
-"""lightning-tvlars: the TVLARS optimizer (arXiv 2309.14053) for PyTorch and PyTorch Lightning.
+"""lightning-tvlars: the trust-ratio family (TVLARS, arXiv 2309.14053, and LAMB, each with or
+without a decaying phase) for PyTorch, PyTorch Lightning, Fabric and timm.
 
-The optimizer core imports only torch; the Lightning names load Lightning on first use.
+The optimizers, the schedule and the recipe import only torch; the Lightning names load
+Lightning on first use.
 """
 
 from __future__ import annotations
@@ -8,51 +10,38 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from lightning_tvlars import recipe
+from lightning_tvlars.fabric import configure_tvlars_fabric
 from lightning_tvlars.metrics import tvlars_metrics
-from lightning_tvlars.optim import (
-    LAMB,
-    TVLARS,
-    GroupOverride,
-    TVLARSStepStats,
-    param_groups,
-    trust_ratio,
-)
+from lightning_tvlars.optim import LAMB, TVLARS, GroupOverride, param_groups
 from lightning_tvlars.optim.timm_registry import register_with_timm
-from lightning_tvlars.phase import ConstantPhase, SigmoidPhase
+from lightning_tvlars.phase import SigmoidPhase
 from lightning_tvlars.recipe import PhaseConfig, RunFacts, TVLARSConfig, build
 from lightning_tvlars.schedule import FittedPhase, TVLARSScheduler
-from lightning_tvlars.sharpness import SharpnessReport, measure_sharpness
+from lightning_tvlars.sharpness import measure_sharpness
 
 __version__ = "0.1.0"
 
-_LIGHTNING_NAMES = (
-    "PhaseConfig",
-    "RunFacts",
-    "ScheduleSync",
-    "SharpnessProbe",
-    "TVLARSConfig",
-    "TVLARSMixin",
-    "TVLARSMonitor",
-    "configure_tvlars",
-    "effective_batch_size",
-    "scaled_lr",
-)
+#: Loaded with Lightning, on first use.
+_LIGHTNING_NAMES = ("SharpnessProbe", "TVLARSMixin", "TVLARSMonitor", "configure_tvlars")
 
 __all__ = [
     "LAMB",
     "TVLARS",
-    "ConstantPhase",
     "FittedPhase",
     "GroupOverride",
-    "SharpnessReport",
+    "PhaseConfig",
+    "RunFacts",
     "SigmoidPhase",
+    "TVLARSConfig",
     "TVLARSScheduler",
-    "TVLARSStepStats",
     "__version__",
+    "build",
+    "configure_tvlars_fabric",
     "measure_sharpness",
     "param_groups",
+    "recipe",
     "register_with_timm",
-    "trust_ratio",
     "tvlars_metrics",
     *_LIGHTNING_NAMES,
 ]

@@ -36,7 +36,6 @@ from typing import Any
 from lightning_tvlars._validation import (
     device_argument,
     int_argument,
-    missing_bench_modules,
     non_negative_float_argument,
 )
 from lightning_tvlars.bench.protocol import ARMS, PRESETS, TASKS, Preset, cell_state
@@ -75,7 +74,7 @@ def plot_curves(preset: Preset, rows: Sequence[dict[str, Any]], out: Path, devic
     from lightning_tvlars.bench.protocol import RunSpec
     from lightning_tvlars.bench.report import _pyplot
     from lightning_tvlars.bench.train import run
-    from lightning_tvlars.optim import TVLARS
+    from lightning_tvlars.optim.base import LayerwiseOptimizer
 
     batch_size = max(preset.batch_sizes)
     task = "classification"
@@ -89,7 +88,7 @@ def plot_curves(preset: Preset, rows: Sequence[dict[str, Any]], out: Path, devic
         records: list[tuple[int, float, float, float]] = []
 
         def record(step: int, optimizer: Any, records: list = records) -> None:
-            assert isinstance(optimizer, TVLARS)
+            assert isinstance(optimizer, LayerwiseOptimizer)
             stats = optimizer.last_step_stats
             if stats is not None:
                 ratios = [
@@ -238,12 +237,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     path = out / f"{preset.stem}.csv"
     if args.report_only and not path.exists():
         parser.error(f"--report-only: no {path} to write the report from (--out {out})")
-    if not args.report_only:
-        arms = {arm for task in preset.tasks for arm in preset.arms[task]}
-        needs = [(arm, "timm") for arm in sorted(arms) if ARMS[arm].optimizer == "timm-lamb"]
-        missing = missing_bench_modules(needs, subject="the arms ")
-        if missing:
-            parser.error(missing)
     import torch
 
     torch.set_num_threads(args.threads)

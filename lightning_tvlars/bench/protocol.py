@@ -38,9 +38,11 @@ class Arm:
 
     Attributes:
         name: the arm's name in tables and the CSV.
-        optimizer: ``tvlars`` (TVLARS), or a baseline optimizer of
-            :class:`~lightning_tvlars.bench.baselines.BaselineConfig` (``lars``: TVLARS with
-            the phase off; ``timm-lamb``; ``lightly-lars``).
+        optimizer: ``lars`` or ``lamb``, the package's (a
+            :class:`~lightning_tvlars.TVLARSConfig`), or ``lightly-lars``, lightly's ``LARS`` as
+            an external reference on the same groups and schedule.
+        start: ``phase`` (tuned over :data:`PHASES`, no warm-up) or ``warmup`` (tuned over
+            :data:`WARMUPS`, no phase).
         annealing: ``constant`` or ``cosine`` (after the warm-up, if any).
         lr_center: centre of the learning-rate grid (base rate at batch 256), per task, as
             quarter decades: ``q`` is the rate ``10 ** (q / 4)`` (0: 1.0, -8: 0.01).
@@ -53,6 +55,7 @@ class Arm:
 
     name: str
     optimizer: str
+    start: str
     annealing: str
     lr_center: Mapping[str, int]
     lr_scaling: str
@@ -60,18 +63,14 @@ class Arm:
     default: str
     paired: str | None = None
 
-    @property
-    def start(self) -> str:
-        """``phase`` (TVLARS, no warm-up) or ``warmup``."""
-        return "phase" if self.optimizer == "tvlars" else "warmup"
-
 
 ARMS: dict[str, Arm] = {
     arm.name: arm
     for arm in (
         Arm(
             "tvlars",
-            "tvlars",
+            "lars",
+            "phase",
             "constant",
             {"classification": 0, "barlow_twins": -1},
             "linear",
@@ -81,7 +80,8 @@ ARMS: dict[str, Arm] = {
         ),
         Arm(
             "tvlars-cosine",
-            "tvlars",
+            "lars",
+            "phase",
             "cosine",
             {"classification": 0, "barlow_twins": -1},
             "linear",
@@ -92,6 +92,7 @@ ARMS: dict[str, Arm] = {
         Arm(
             "lars-warmup",
             "lars",
+            "warmup",
             "constant",
             {"classification": 0, "barlow_twins": -1},
             "linear",
@@ -101,6 +102,7 @@ ARMS: dict[str, Arm] = {
         Arm(
             "lars-warmup-cosine",
             "lars",
+            "warmup",
             "cosine",
             {"classification": 0, "barlow_twins": -1},
             "linear",
@@ -109,7 +111,8 @@ ARMS: dict[str, Arm] = {
         ),
         Arm(
             "lamb-warmup-cosine",
-            "timm-lamb",
+            "lamb",
+            "warmup",
             "cosine",
             {"classification": -8, "barlow_twins": -9},
             "sqrt",
@@ -119,6 +122,7 @@ ARMS: dict[str, Arm] = {
         Arm(
             "lightly-lars-warmup-cosine",
             "lightly-lars",
+            "warmup",
             "cosine",
             {"classification": 0, "barlow_twins": -1},
             "linear",

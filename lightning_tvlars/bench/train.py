@@ -1,14 +1,13 @@
 """One benchmark run: MNIST-1D on one device, a plain training loop, sharpness, evaluation.
 
 The loop indexes tensors that live on the device (no DataLoader), so that many small runs can
-share a GPU; on CPU it is the same code. The optimizer and its schedule are built exactly as
-:func:`~lightning_tvlars.configure_tvlars` and
-:func:`~lightning_tvlars.bench.baselines.configure_baseline` build them in a Lightning run (the
-same parameter groups, :class:`~lightning_tvlars.TVLARSScheduler`, batch scaling, phase), and
-stepped in the same order (optimizer, then scheduler, once per batch); a test checks that the
-weights match a Lightning run on the same batches.
+share a GPU; on CPU it is the same code. The optimizer and its schedule are the product's recipe
+(:func:`~lightning_tvlars.recipe.build`, as :func:`~lightning_tvlars.configure_tvlars` builds them
+in a Lightning run: the same parameter groups, :class:`~lightning_tvlars.TVLARSScheduler`, batch
+scaling, phase), stepped in the same order (optimizer, then scheduler, once per batch); a test
+checks that the weights match a Lightning run on the same batches.
 
-Only torch, lightning, torchmetrics-free code of this package and timm (for LAMB) are needed:
+Only torch and torch-only code of this package are needed (lightly for its LARS arm only):
 the data comes from the cache (``mnist1d`` is imported only to generate a missing file) and the
 Barlow Twins head, loss and augmentation are written here, equal to lightly's and to
 :mod:`lightning_tvlars.examples.barlow_twins` (tests compare them), so that a GPU machine
@@ -28,13 +27,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_tvlars.bench.baselines import BaselineConfig, baseline_schedule
 from lightning_tvlars.bench.protocol import ARMS, Arm, Preset, RunSpec, setting_value
 from lightning_tvlars.examples.classifier import encoder
 from lightning_tvlars.examples.mnist1d import NUM_CLASSES, generate
-from lightning_tvlars.lightning.config import PhaseConfig, TVLARSConfig
-from lightning_tvlars.lightning.configure import build_groups, build_optimizer, build_scheduler
-from lightning_tvlars.lightning.run import RunFacts
+from lightning_tvlars.recipe import PhaseConfig, RunFacts, TVLARSConfig, build, groups_for
 from lightning_tvlars.schedule import TVLARSScheduler
 from lightning_tvlars.sharpness import SharpnessReport, measure_sharpness
 
@@ -173,45 +169,39 @@ class BarlowTwinsNet(nn.Module):
 # ------------------------------------------------------------------------------ optimizers
 
 
-def tvlars_config(arm: Arm, spec: RunSpec, total_steps: int) -> TVLARSConfig:
-    """The :class:`~lightning_tvlars.TVLARSConfig` of a TVLARS arm's run.
+def phase_setting(setting: str, total_steps: int) -> PhaseConfig:
+    """The phase of a ``phase`` arm's setting.
 
-    ``half=f``: the phase fitted to the run, halfway at ``f`` of it and 99% of the way down at
-    the end; ``half=1``: halfway at the end (``half_at=0.99, decayed_by_end=0.51``: phi goes
-    from 0.98 through 0.88 at mid-run to 0.49); ``authors``: the authors' form
+    ``half=f``: fitted to the run, halfway at ``f`` of it and 99% of the way down at the end;
+    ``half=1``: halfway at the end (``half_at=0.99, decayed_by_end=0.51``: phi goes from 0.98
+    through 0.88 at mid-run to 0.49); ``authors``: the authors' form
     ``1 / (0.1 + exp(decay (t + 1)))`` with ``decay`` such that phi reaches 0.01 at the end.
     """
-    if spec.setting == "authors":
+    if setting == "authors":
         decay = math.log(1 / AUTHORS_FINAL_PHASE - 0.1) / (total_steps + 1)
-        phase = PhaseConfig(mode="explicit", alpha=0.1, delay=-1.0, decay=decay)
+        return PhaseConfig(mode="explicit", alpha=0.1, delay=-1.0, decay=decay)
+    half = setting_value(setting)
+    if half is None or not setting.startswith("half="):
+        raise ValueError(f"setting {setting!r} is invalid for a phase arm")
+    return PhaseConfig(half_at=0.99, decayed_by_end=0.51) if half >= 1 else PhaseConfig(half_at=half)
+
+
+def arm_config(arm: Arm, spec: RunSpec, total_steps: int) -> TVLARSConfig:
+    """The :class:`~lightning_tvlars.TVLARSConfig` of an arm's run: the product's recipe for
+    every arm (lightly's LARS takes the same groups and schedule)."""
+    phase, warmup = PhaseConfig(mode="off"), 0.0
+    if arm.start == "phase":
+        phase = phase_setting(spec.setting, total_steps)
     else:
-        half = setting_value(spec.setting)
-        if half is None or not spec.setting.startswith("half="):
-            raise ValueError(f"setting {spec.setting!r} is invalid for a TVLARS arm")
-        phase = (
-            PhaseConfig(half_at=0.99, decayed_by_end=0.51)
-            if half >= 1
-            else PhaseConfig(half_at=half)
-        )
+        warmup = setting_value(spec.setting) or 0.0
+        if not spec.setting.startswith("warmup="):
+            raise ValueError(f"setting {spec.setting!r} is invalid for a warm-up arm")
     return TVLARSConfig(
+        optimizer="lamb" if arm.optimizer == "lamb" else "lars",
         lr=spec.lr,
         lr_scaling=arm.lr_scaling,  # type: ignore[arg-type]
         weight_decay=5e-4,
         phase=phase,
-        lr_schedule=arm.annealing,  # type: ignore[arg-type]
-    )
-
-
-def baseline_config(arm: Arm, spec: RunSpec) -> BaselineConfig:
-    """The :class:`~lightning_tvlars.bench.baselines.BaselineConfig` of a warm-up arm's run."""
-    warmup = setting_value(spec.setting)
-    if warmup is None or not spec.setting.startswith("warmup="):
-        raise ValueError(f"setting {spec.setting!r} is invalid for a warm-up arm")
-    return BaselineConfig(
-        optimizer=arm.optimizer,  # type: ignore[arg-type]
-        lr=spec.lr,
-        lr_scaling=arm.lr_scaling,  # type: ignore[arg-type]
-        weight_decay=5e-4,
         warmup_fraction=warmup,
         lr_schedule=arm.annealing,  # type: ignore[arg-type]
     )
@@ -220,23 +210,24 @@ def baseline_config(arm: Arm, spec: RunSpec) -> BaselineConfig:
 def optimizer_for(
     model: nn.Module, spec: RunSpec, steps_per_epoch: int, epochs: int
 ) -> tuple[torch.optim.Optimizer, TVLARSScheduler]:
-    """Optimizer and scheduler, as ``configure_tvlars`` / ``configure_baseline`` make them
-    (the TVLARS branch repeats ``configure_tvlars``'s few lines without a trainer; a test
-    checks both against a Lightning run)."""
+    """Optimizer and scheduler, as :func:`~lightning_tvlars.configure_tvlars` builds them (the
+    same :func:`~lightning_tvlars.recipe.build`; a test checks the weights against a Lightning
+    run)."""
     arm = ARMS[spec.arm]
     total = steps_per_epoch * epochs
-    facts = RunFacts(
-        total_steps=total,
-        steps_per_epoch=(steps_per_epoch,) * epochs,
-        per_device_batch_size=spec.batch_size,
-        replicas=1,
-        accumulation=1,
-    )
-    if arm.optimizer == "tvlars":
-        config = tvlars_config(arm, spec, total)
-        optimizer = build_optimizer(build_groups(model, config), config)
-        return optimizer, build_scheduler(optimizer, config, facts)
-    return baseline_schedule(model, baseline_config(arm, spec), facts)
+    facts = RunFacts(total, spec.batch_size, steps_per_epoch=(steps_per_epoch,) * epochs)
+    config = arm_config(arm, spec, total)
+    if arm.optimizer != "lightly-lars":
+        return build(model, config, facts)
+    from lightly.utils.lars import LARS
+
+    # lightly adapts exactly the groups with weight decay: the excluded group has none.
+    groups = [
+        {k: v for k, v in g.items() if k not in ("adapt", "param_names")}
+        for g in groups_for(model, config)
+    ]
+    optimizer = LARS(groups, lr=config.lr, momentum=config.momentum, weight_decay=5e-4)
+    return optimizer, config.scheduler(optimizer, facts)
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -32,11 +32,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_tvlars.lightning.config import TVLARSConfig
-from lightning_tvlars.lightning.configure import build_groups
 from lightning_tvlars.lightning.mixin import TVLARSMixin
 from lightning_tvlars.lightning.monitor import TVLARSMonitor
 from lightning_tvlars.optim.groups import GroupOverride
+from lightning_tvlars.recipe import TVLARSConfig, groups_for
 
 #: The models of the ``lightning-tvlars fit --model NAME`` choice, by class name.
 MODELS = {
@@ -195,7 +194,7 @@ class TVLARSCLI(LightningCLI):
             type(model).configure_optimizers is TVLARSMixin.configure_optimizers
         ):
             try:
-                build_groups(model, model.tvlars_config)  # type: ignore[arg-type]
+                groups_for(model, model.tvlars_config)  # type: ignore[arg-type]
             except (ValueError, TypeError) as err:
                 self._exit_with(flag_error("model.tvlars", str(err)))
 

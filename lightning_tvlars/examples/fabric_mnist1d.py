@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_tvlars.examples.classifier import encoder
 from lightning_tvlars.examples.mnist1d import NUM_CLASSES, generate
 from lightning_tvlars.fabric import configure_tvlars_fabric
-from lightning_tvlars.lightning.config import TVLARSConfig
+from lightning_tvlars.recipe import TVLARSConfig
 from lightning_tvlars.metrics import tvlars_metrics
 
 

@@ -30,10 +30,9 @@ from dataclasses import replace
 from typing import Any
 
 from lightning_tvlars.lightning._compat import lightning_classes
-from lightning_tvlars.lightning.config import TVLARSConfig
 from lightning_tvlars.lightning.configure import configure_tvlars
-from lightning_tvlars.lightning.run import RunFacts
 from lightning_tvlars.lightning.sync import ScheduleSync
+from lightning_tvlars.recipe import TVLARSConfig
 from lightning_tvlars.schedule import Plan, TVLARSScheduler
 
 _LIGHTNING_MODULES = {
@@ -127,17 +126,12 @@ class TVLARSMixin:
     @lr.setter
     def lr(self, value: float) -> None:
         """Take an applied learning rate (an LR finder's suggestion at this run's effective
-        batch) and store it in base-batch units in ``hparams["tvlars"]``."""
-        config = self.tvlars_config
-        trainer = getattr(self, "_trainer", None)
-        scale = 1.0
-        if trainer is not None:
-            from lightning_tvlars.lightning.configure import batch_scale
-
-            scale = batch_scale(config, RunFacts.from_trainer(trainer))
-        base = value / scale
-        self.hparams["tvlars"] = replace(config, lr=base)  # type: ignore[attr-defined]
-        for scheduler in self.tvlars_schedulers:
+        batch), convert it to base-batch units with the schedule's batch factor, and store it
+        in ``hparams["tvlars"]``."""
+        schedulers = self.tvlars_schedulers
+        base = schedulers[0].base_lr_for(value) if schedulers else value
+        self.hparams["tvlars"] = replace(self.tvlars_config, lr=base)  # type: ignore[attr-defined]
+        for scheduler in schedulers:
             scheduler.set_base_lr(base)
 
     def configure_optimizers(self) -> Any:

@@ -34,8 +34,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_tvlars._validation import check_positive, check_positive_int
 from lightning_tvlars.lightning._compat import lightning_classes
-from lightning_tvlars.lightning.scaling import effective_batch_size
-from lightning_tvlars.lightning.strategy import check_strategy
+from lightning_tvlars.lightning.run import effective_batch_size
+from lightning_tvlars.recipe import check_strategy
 from lightning_tvlars.metrics import (
     Reading,
     compile_name_filter,
@@ -92,7 +92,7 @@ class TVLARSMonitor(pl.Callback):
         self._names: dict[int, str] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        check_strategy(trainer)
+        check_strategy(trainer.strategy)
         if stage == "fit" and not trainer.loggers:
             raise ValueError(
                 "TVLARSMonitor needs a logger, but the Trainer has none (logger=False): its "

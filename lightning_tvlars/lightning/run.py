@@ -1,31 +1,30 @@
-"""What Lightning knows about a run: its length in optimizer steps and its effective batch.
+"""What a Lightning Trainer knows about its run: the length in optimizer steps and the batch.
 
 Lightning's own estimate (``trainer.estimated_stepping_batches``) assumes one accumulation
 factor for the whole run, returns ``max_steps`` (-1 when unset) for streaming data, and counts
-every optimizer's steps in ``max_steps``. The plan of a schedule needs the steps *this*
-optimizer will really take, so it is computed here from the run's settings:
+every optimizer's steps in ``max_steps``. A schedule needs the steps *this* optimizer will really
+take, so they are read here from the run's settings:
 
-* per epoch, ``ceil(batches / accumulation(epoch))`` optimizer steps, with the accumulation of
-  a ``GradientAccumulationScheduler`` where there is one;
+* per epoch, ``ceil(batches / accumulation(epoch))`` optimizer steps, with the accumulation of a
+  ``GradientAccumulationScheduler`` where there is one;
 * ``max_steps`` bounds the total; Lightning counts every optimizer's steps in it, so with
   several optimizers (manual optimization, e.g. a GAN) each one's share is
-  ``max_steps / number of optimizers`` (each is assumed to step once per batch);
-* streaming data without a length, or ``max_epochs=-1``, and no ``max_steps``: unknown (None).
+  ``max_steps / number of optimizers``;
+* ``max_time`` bounds it too, by the rate of the steps so far (:func:`time_budget`; the schedule
+  is re-planned as it is measured);
+* streaming data without a length, or no epoch limit, and nothing else: unknown (None).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
+from torch.utils.data import DataLoader
 
 from lightning_tvlars.lightning._compat import lightning_classes
-from lightning_tvlars.lightning.scaling import (
-    data_parallel_size,
-    per_device_batch_size,
-)
+from lightning_tvlars.recipe import RunFacts, data_parallel_size
 
 
 def _accumulation_scheduler(trainer: pl.Trainer) -> Any:
@@ -42,79 +41,85 @@ def accumulation(trainer: pl.Trainer, epoch: int) -> int:
     return int(trainer.accumulate_grad_batches)
 
 
-@dataclass(frozen=True)
-class RunFacts:
-    """The run as Lightning describes it now (see the module docstring).
+def per_device_batch_size(trainer: pl.Trainer) -> int:
+    """The batch size of the training DataLoader (loads the training data if needed)."""
+    loader = trainer.train_dataloader
+    if loader is None:
+        trainer.fit_loop.setup_data()
+        loader = trainer.train_dataloader
+    if isinstance(loader, DataLoader):
+        size = loader.batch_size
+        if size is None and loader.batch_sampler is not None:
+            size = getattr(loader.batch_sampler, "batch_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+    raise ValueError(
+        f"cannot read the per-device batch size from the training loader {type(loader).__name__}; "
+        "pass batch_size=... explicitly"
+    )
 
-    Attributes:
-        total_steps: optimizer steps of one optimizer over the whole run (None: unknown).
-        steps_per_epoch: optimizer steps in each epoch ``0 .. max_epochs - 1`` (empty when the
-            epochs have no length or the run has no epoch limit).
-        per_device_batch_size, replicas, accumulation: the factors of the effective batch
-            (accumulation of the current epoch).
+
+def time_budget(trainer: pl.Trainer) -> float | None:
+    """The seconds of training the trainer's ``max_time`` leaves from now (None: no limit)."""
+    timer = next(
+        (c for c in trainer.callbacks if isinstance(c, lightning_classes("callbacks.Timer"))),  # type: ignore[attr-defined]
+        None,
+    )
+    if timer is None or getattr(timer, "_duration", None) is None:
+        return None
+    return float(timer.time_remaining("train") or 0.0)
+
+
+def epoch_lengths(trainer: pl.Trainer) -> tuple[int, ...]:
+    """Optimizer steps of each epoch ``0 .. max_epochs - 1`` (without an epoch limit, those up
+    to the last change of accumulation); empty when the epochs have no known length."""
+    batches = trainer.num_training_batches
+    if not math.isfinite(batches):
+        return ()
+    max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+    scheduler = _accumulation_scheduler(trainer)
+    changes = max(scheduler.scheduling, default=0) if scheduler is not None else 0
+    epochs = max_epochs if max_epochs != -1 else changes + 1
+    return tuple(max(1, math.ceil(batches / accumulation(trainer, e))) for e in range(epochs))
+
+
+def run_facts(
+    trainer: pl.Trainer,
+    batch_size: int | None = None,
+    optimizers: int = 1,
+    *,
+    seconds_per_step: float | None = None,
+    step: int = 0,
+) -> RunFacts:
+    """Read the run from an attached trainer (loads the training data if needed).
+
+    Args:
+        batch_size: per-device batch size; read from the training DataLoader if omitted.
+        optimizers: optimizers that step once per batch (they share ``max_steps``).
+        seconds_per_step, step: the measured rate of this run's steps and the optimizer's step
+            now, for a ``max_time`` limit (without a rate it bounds nothing yet).
     """
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()
+    per_device = per_device_batch_size(trainer) if batch_size is None else batch_size
+    per_epoch = epoch_lengths(trainer)
+    bounds = []
+    if per_epoch and trainer.max_epochs not in (None, -1):
+        bounds.append(sum(per_epoch))
+    if trainer.max_steps != -1:
+        bounds.append(max(1, trainer.max_steps // max(1, optimizers)))
+    remaining = time_budget(trainer)
+    if remaining is not None and seconds_per_step:
+        bounds.append(max(step + 1, step + math.floor(remaining / seconds_per_step)))
+    return RunFacts(
+        total_steps=min(bounds) if bounds else None,
+        per_device_batch_size=per_device,
+        replicas=data_parallel_size(trainer.strategy),
+        accumulation=accumulation(trainer, trainer.current_epoch),
+        steps_per_epoch=per_epoch,
+    )
 
-    total_steps: int | None
-    steps_per_epoch: tuple[int, ...]
-    per_device_batch_size: int
-    replicas: int
-    accumulation: int
 
-    @property
-    def effective_batch_size(self) -> int:
-        return self.per_device_batch_size * self.replicas * self.accumulation
-
-    def epochs_to_steps(self, epochs: float) -> float:
-        """Optimizer steps in the first ``epochs`` epochs (fractions interpolate in the epoch)."""
-        if epochs <= 0:
-            return 0.0
-        if not self.steps_per_epoch:
-            raise ValueError(
-                f"a delay of {epochs!r} epochs needs the number of steps per epoch, but the "
-                "training epochs have no known length (streaming data or max_epochs=-1): give "
-                "the delay in steps (phase.delay_unit='steps')"
-            )
-        whole = math.floor(epochs)
-        per = self.steps_per_epoch
-        done = sum(per[: min(whole, len(per))]) + max(0, whole - len(per)) * per[-1]
-        part = epochs - whole
-        return float(done + part * (per[min(whole, len(per) - 1)] if part else 0))
-
-    @classmethod
-    def from_trainer(
-        cls, trainer: pl.Trainer, batch_size: int | None = None, optimizers: int = 1
-    ) -> RunFacts:
-        """Read the run from an attached trainer (loads the training data if needed).
-
-        Args:
-            batch_size: per-device batch size; read from the training DataLoader if omitted.
-            optimizers: optimizers that step once per batch (they share ``max_steps``).
-        """
-        if trainer.train_dataloader is None:
-            trainer.fit_loop.setup_data()
-        per_device = per_device_batch_size(trainer) if batch_size is None else batch_size
-        epoch = trainer.current_epoch
-        batches = trainer.num_training_batches
-        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
-        per_epoch: tuple[int, ...] = ()
-        if math.isfinite(batches):
-            # without an epoch limit, the epochs up to the last change of accumulation (the
-            # later ones repeat the last value)
-            scheduler = _accumulation_scheduler(trainer)
-            changes = max(scheduler.scheduling, default=0) if scheduler is not None else 0
-            epochs = max_epochs if max_epochs != -1 else changes + 1
-            per_epoch = tuple(
-                max(1, math.ceil(batches / accumulation(trainer, e))) for e in range(epochs)
-            )
-        bounds = []
-        if per_epoch and max_epochs != -1:
-            bounds.append(sum(per_epoch))
-        if trainer.max_steps != -1:
-            bounds.append(max(1, trainer.max_steps // max(1, optimizers)))
-        return cls(
-            total_steps=min(bounds) if bounds else None,
-            steps_per_epoch=per_epoch,
-            per_device_batch_size=per_device,
-            replicas=data_parallel_size(trainer),
-            accumulation=accumulation(trainer, epoch),
-        )
+def effective_batch_size(trainer: pl.Trainer, batch_size: int | None = None) -> int:
+    """Per-device batch x data-parallel replicas x the current epoch's accumulation."""
+    return run_facts(trainer, batch_size).effective_batch_size

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_tvlars._validation import check_positive, check_positive_int
-from lightning_tvlars.lightning.strategy import deepspeed_zero_stage
+from lightning_tvlars.recipe import deepspeed_zero_stage
 from lightning_tvlars.sharpness import (
     MEASURES,
     SharpnessReport,
