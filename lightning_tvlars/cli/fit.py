@@ -18,6 +18,7 @@ Your own module gets the same ``--model.tvlars.*`` flags from any LightningCLI w
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import os
 import re
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from typing import Any, get_type_hints
 
 import lightning.pytorch as pl
-from jsonargparse import ArgumentError, ArgumentParser, Namespace
+from jsonargparse import ArgumentError, ArgumentParser, DefaultHelpFormatter, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -49,6 +50,14 @@ DEFAULT_MODEL = "MNIST1DClassifier"
 
 class CLIError(Exception):
     """A wrong command line, already phrased for the user (one line)."""
+
+
+class CommandListFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help formatter, keeping the line breaks of the command list (epilog).
+
+    At module level: ``ddp_spawn`` pickles the CLI, its parser and this class with it, into
+    each process, and a class defined inside a function cannot be pickled.
+    """
 
 
 def _import(path: str) -> Any:
