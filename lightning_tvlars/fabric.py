@@ -12,6 +12,8 @@ described here, in the loop's own terms::
     ...
     optimizer.step(); scheduler.step(); optimizer.zero_grad()   # once per optimizer step
     fabric.log_dict(tvlars_metrics(optimizer, scheduler=scheduler), step=step)   # every rank
+    ...
+    end_process_group_at_exit()   # at the end of a successful run, on every rank
 
 The learning rate is scaled with the effective batch ``batch_size x data-parallel replicas x
 accumulation`` (replicas: the strategy's ``distributed_sampler_kwargs["num_replicas"]``, i.e.
@@ -19,6 +21,9 @@ accumulation`` (replicas: the strategy's ``distributed_sampler_kwargs["num_repli
 optimizer steps, exactly as :func:`~lightning_tvlars.configure_tvlars` does under a Trainer.
 :func:`~lightning_tvlars.tvlars_metrics` gives the metrics of
 :class:`~lightning_tvlars.TVLARSMonitor`, under the same names.
+:func:`~lightning_tvlars.distributed.end_process_group_at_exit` (from
+``lightning_tvlars.distributed``) destroys the process group when the process exits, which
+Fabric does for NCCL only: a gloo group left to the interpreter's shutdown can abort it.
 """
 
 from __future__ import annotations

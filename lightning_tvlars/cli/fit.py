@@ -37,6 +37,7 @@ from lightning_tvlars.lightning.config import TVLARSConfig
 from lightning_tvlars.lightning.configure import build_groups
 from lightning_tvlars.lightning.mixin import TVLARSMixin
 from lightning_tvlars.lightning.monitor import TVLARSMonitor
+from lightning_tvlars.lightning.teardown import EndProcessGroupAtExit
 from lightning_tvlars.optim.groups import GroupOverride
 
 #: The models of the ``lightning-tvlars fit --model NAME`` choice, by class name.
@@ -221,6 +222,7 @@ class TVLARSCLI(LightningCLI):
         if not trainer.loggers:  # the monitor would refuse the run; nothing to log to
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, TVLARSMonitor)]  # type: ignore[attr-defined]
             rank_zero_info("TVLARSMonitor is off: the trainer has no logger (--trainer.logger).")
+        EndProcessGroupAtExit.register(trainer)  # any --model: ddp/ddp_spawn processes exit cleanly
         return trainer
 
     def after_fit(self) -> None:

@@ -4,7 +4,8 @@ Each step is a small function: read the run (:class:`~lightning_tvlars.lightning
 build the parameter groups and the optimizer, hand FSDP1 its shard groups, build the
 :class:`~lightning_tvlars.TVLARSScheduler` (batch-scaled learning rate and phase), guard the phase
 during LR sweeps, and make sure :class:`~lightning_tvlars.lightning.sync.ScheduleSync` keeps the
-plan true while the run changes.
+plan true while the run changes and that
+:class:`~lightning_tvlars.lightning.teardown.EndProcessGroupAtExit` ends a distributed run cleanly.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lightning_tvlars.lightning.run import RunFacts
 from lightning_tvlars.lightning.scaling import scaled_lr
 from lightning_tvlars.lightning.strategy import check_strategy
 from lightning_tvlars.lightning.sync import ScheduleSync, describe_batch, guard_lr_sweeps
+from lightning_tvlars.lightning.teardown import EndProcessGroupAtExit
 from lightning_tvlars.optim import TVLARS, param_groups
 from lightning_tvlars.phase import SigmoidPhase
 from lightning_tvlars.schedule import FittedPhase, TVLARSScheduler
@@ -160,6 +162,7 @@ def configure_tvlars(
     attach_sharding(optimizer, trainer)
     scheduler = build_scheduler(optimizer, config, facts)
     ScheduleSync.register(trainer, scheduler, config, batch_size)
+    EndProcessGroupAtExit.register(trainer)
     guard_lr_sweeps(optimizer, scheduler, trainer)
     rank_zero_info(describe_plan(scheduler, config, facts))
     return {
