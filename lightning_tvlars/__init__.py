@@ -23,6 +23,7 @@ from lightning_tvlars.sharpness import SharpnessReport, measure_sharpness
 __version__ = "0.1.0"
 
 _LIGHTNING_NAMES = (
+    "EndProcessGroupAtExit",
     "PhaseConfig",
     "RunFacts",
     "ScheduleSync",
