@@ -25,7 +25,9 @@ import atexit
 import gc
 
 import torch.distributed as dist
-import torch.distributed.nn  # noqa: F401  (see the module docstring: before any group exists)
+
+if dist.is_available():  # see the module docstring: imported before any group exists
+    import torch.distributed.nn  # noqa: F401
 
 
 def end_process_group() -> None:
