@@ -3,6 +3,9 @@
 Each worker trains a sharded copy and an unsharded reference of the same model on the same
 global batch, then asserts inside the worker; ``mp.spawn`` re-raises a failure in the test.
 
+Each worker joins the process group, runs its body and leaves the group with ``finish``; the
+models are the body's locals, released before the group is destroyed (see ``finish``).
+
 Everything runs in float64: sharded training sums gradients and squared norms in another order
 than one process does, which in float32 moves weights by ~1e-5 relative after a few steps (an
 amount that depends on the torch build). In float64 the same reordering costs ~1e-16 relative per
@@ -13,16 +16,23 @@ makes (norms of local shards) is above 1e-2; ``fsdp2_worker`` checks that negati
 from __future__ import annotations
 
 import json
+import os
 import socket
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from lightning_tvlars import TVLARS, SigmoidPhase, param_groups
+
+# Imported before any process group exists, it imports torch.distributed.nn, which would hold
+# the group it finds for the life of the process (see lightning_tvlars.distributed).
+from lightning_tvlars.distributed import end_process_group
 
 STEPS = 4
 GLOBAL_BATCH = 16
@@ -69,11 +79,38 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randn(GLOBAL_BATCH, 1, generator=gen, dtype=torch.float64)
 
 
-def finish() -> None:
-    """Leave the process group together: a barrier first avoids gloo's occasional abort at
-    teardown ("terminate called without an active exception") after FSDP1."""
+def gloo_threads() -> list[str] | None:
+    """This process's threads of gloo and its store (``pt_gloo_runloop``...); ``None`` where
+    thread names cannot be read (no ``/proc``)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return None
+    names = [(task / "comm").read_text().strip() for task in tasks.iterdir()]
+    return sorted(n for n in names if "gloo" in n or "tcpstore" in n)
+
+
+def finish(*, dtensor: bool = False) -> None:
+    """Leave the process group together, once the worker's models are released.
+
+    A gloo group left to the interpreter's shutdown can abort the process ("terminate called
+    without an active exception", docs/faq.md). Destroyed while nothing else holds it, the
+    group is freed, which joins gloo's threads: none may be left. After DTensor
+    (``dtensor=True``) the group outlives its destruction (torch's DTensor caches keep the
+    device mesh, and the mesh its groups, for the life of the process): the worker then leaves
+    without the interpreter's shutdown.
+    """
     dist.barrier()
-    dist.destroy_process_group()
+    end_process_group()
+    if dtensor:
+        exit_without_shutdown()
+    assert not gloo_threads(), f"the process group outlived its destruction: {gloo_threads()}"
+
+
+def exit_without_shutdown() -> NoReturn:
+    """Exit with status 0 now, without the interpreter's shutdown (the results are written)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class CollectiveCounter:
@@ -141,6 +178,12 @@ def _fully_sharded_mlp(mesh: object) -> nn.Module:
 
 
 def fsdp2_worker(rank: int, world: int, port: int, mesh_shape: tuple[int, ...], out: str) -> None:
+    init(rank, world, port)
+    _fsdp2(rank, world, mesh_shape, out)
+    finish(dtensor=True)
+
+
+def _fsdp2(rank: int, world: int, mesh_shape: tuple[int, ...], out: str) -> None:
     """fully_shard on a 1-D mesh (FSDP2) or a (replicate, shard) mesh (HSDP).
 
     Then the negative control: the same run with the norm reduction switched off (norms of local
@@ -150,7 +193,6 @@ def fsdp2_worker(rank: int, world: int, port: int, mesh_shape: tuple[int, ...], 
 
     from lightning_tvlars.optim.norms import ReductionPlan
 
-    init(rank, world, port)
     names = ("replicate", "shard") if len(mesh_shape) == 2 else ("shard",)
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
     model, reference = _fully_sharded_mlp(mesh), mlp()
@@ -183,14 +225,18 @@ def fsdp2_worker(rank: int, world: int, port: int, mesh_shape: tuple[int, ...], 
         )
     if rank == world - 1:
         Path(out + f".sizes{rank}").write_text(json.dumps(local_sizes))
-    finish()
 
 
 def fsdp1_worker(rank: int, world: int, port: int, use_orig_params: bool, out: str) -> None:
+    init(rank, world, port)
+    _fsdp1(rank, world, use_orig_params, out)
+    finish()
+
+
+def _fsdp1(rank: int, world: int, use_orig_params: bool, out: str) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    init(rank, world, port)
     model, reference = mlp(), mlp()
     wrapped = FSDP(
         model,
@@ -204,7 +250,6 @@ def fsdp1_worker(rank: int, world: int, port: int, use_orig_params: bool, out: s
         except ValueError as err:
             assert "FlatParameters are not supported" in str(err)
             Path(out).write_text(json.dumps({"refused": True}))
-        finish()
         return
     try:
         TVLARS(wrapped.parameters(), lr=1.0).step()  # grads None: nothing to do, no error
@@ -229,16 +274,19 @@ def fsdp1_worker(rank: int, world: int, port: int, use_orig_params: bool, out: s
     assert_close(full, reference)
     if rank == 0:
         Path(out).write_text(json.dumps({"collectives": counts, "names": names}))
-    finish()
 
 
 def ddp_count_worker(rank: int, world: int, port: int, out: str) -> None:
-    """Under DDP parameters are full: the step needs no collective and matches the reference."""
     init(rank, world, port)
+    _ddp_count(rank, world, out)
+    finish()
+
+
+def _ddp_count(rank: int, world: int, out: str) -> None:
+    """Under DDP parameters are full: the step needs no collective and matches the reference."""
     model, reference = mlp(), mlp()
     ddp = nn.parallel.DistributedDataParallel(model)
     counts = train_pair(ddp, make_optimizer(ddp), reference, rank, replicas_per_batch=world)
     assert_close(dict(model.named_parameters()), reference)
     if rank == 0:
         Path(out).write_text(json.dumps({"collectives": counts}))
-    finish()

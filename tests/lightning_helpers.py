@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
+import json
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from dist_workers import gloo_threads
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
@@ -115,3 +119,39 @@ def equivalence_trainer(devices: int, strategy: Any, **kwargs: Any) -> pl.Traine
         callbacks=[TVLARSMonitor(log_every_n_steps=2)],
         **kwargs,
     )
+
+
+def report_gloo_threads_at_exit(path: Path) -> None:
+    """At exit, write the gloo threads still alive to ``path`` (JSON).
+
+    ``atexit`` runs the last registered handler first: registered before the package's
+    (``EndProcessGroupAtExit`` at fit end, the example at the end of its loop), this runs after
+    it, just before the interpreter shuts down.
+    """
+    atexit.register(lambda: path.write_text(json.dumps(gloo_threads())))
+
+
+def gloo_threads_at_exit(folder: Path) -> dict[int, list[str] | None]:
+    """What ``report_gloo_threads_at_exit`` wrote, by rank (files ``folder/rank<N>.json``)."""
+    return {
+        int(p.stem.removeprefix("rank")): json.loads(p.read_text())
+        for p in folder.glob("rank*.json")
+    }
+
+
+class GlooThreadsAtExit(pl.Callback):
+    """Reports each rank's gloo threads at exit (``folder/rank<N>.json``)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        report_gloo_threads_at_exit(self.folder / f"rank{trainer.global_rank}.json")
+
+
+def fabric_example_reporting_gloo_threads(fabric: Any, folder: Path, **kwargs: Any) -> Any:
+    """The Fabric example's ``train``, with each rank's gloo threads reported at exit."""
+    from lightning_tvlars.examples import fabric_mnist1d
+
+    report_gloo_threads_at_exit(folder / f"rank{fabric.global_rank}.json")
+    return fabric_mnist1d.train(fabric, **kwargs)

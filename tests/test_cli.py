@@ -346,6 +346,44 @@ def test_first_run_is_quiet_and_ends_with_where_the_results_are(tmp_path: Path) 
     assert png.name == "tvlars.png" and png.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_fit_under_ddp_spawn_on_two_cpu_processes_exits_cleanly(tmp_path: Path) -> None:
+    """ddp_spawn pickles the CLI (its parser's formatter class included) into each process, and
+    each process must leave its gloo process group before it exits (see docs/faq.md)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_tvlars.cli",
+            "fit",
+            "--trainer.strategy=ddp_spawn",
+            "--trainer.devices=2",
+            "--trainer.accelerator=cpu",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            "--data.num_samples=2000",
+            "--data.val_size=200",
+            "--data.batch_size=64",
+            "--model.width=8",
+            "--model.blocks=1",
+            "--trainer.enable_progress_bar=false",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "64 per device x 2 data-parallel replica(s)" in run.stderr  # really 2 processes
+    assert "`Trainer.fit` stopped: `max_epochs=1` reached." in run.stderr
+
+
 def test_a_fast_dev_run_names_no_checkpoint_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

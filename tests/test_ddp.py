@@ -9,14 +9,17 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 from lightning_helpers import (
     EQUIVALENCE_CONFIG,
     EQUIVALENCE_TOLERANCE,
+    GlooThreadsAtExit,
     TinyRegressor,
     equivalence_trainer,
+    gloo_threads_at_exit,
 )
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(180)]
@@ -54,6 +57,33 @@ def test_ddp_spawn_matches_a_single_process_on_the_same_global_batch(tmp_path: P
         for a, b in zip(single.parameters(), untrained.parameters(), strict=True)
     )
     assert moved > 0.1  # the comparison is not between untrained models
+
+
+@pytest.mark.usefixtures("free_port")
+def test_spawned_processes_end_their_process_group_before_python_shuts_down(
+    tmp_path: Path,
+) -> None:
+    """A gloo group left to the interpreter's shutdown can abort a process after a successful
+    fit (SIGABRT, "terminate called without an active exception": docs/faq.md). The callback
+    that configure_tvlars adds destroys the group at exit, which joins gloo's threads: none may
+    be left when the interpreter shuts down."""
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=DDPStrategy(
+            start_method="spawn", process_group_backend="gloo", timeout=timedelta(seconds=60)
+        ),
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[GlooThreadsAtExit(tmp_path)],
+    )
+    trainer.fit(TinyRegressor(batch_size=16))
+    left = gloo_threads_at_exit(tmp_path)
+    assert set(left) == {0, 1}
+    assert left in ({0: [], 1: []}, {0: None, 1: None})  # None: no /proc to read names from
 
 
 @pytest.mark.usefixtures("free_port")

@@ -11,6 +11,7 @@ import torch
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import CSVLogger
 from lightning.fabric.strategies import DDPStrategy
+from lightning_helpers import fabric_example_reporting_gloo_threads, gloo_threads_at_exit
 
 from lightning_tvlars import TVLARS, PhaseConfig, TVLARSConfig, TVLARSScheduler
 from lightning_tvlars.examples import fabric_mnist1d
@@ -86,8 +87,11 @@ def test_example_on_two_processes_scales_with_the_world_size(
         strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
         loggers=CSVLogger(tmp_path, name="run"),
     )
+    exits = tmp_path / "exits"
+    exits.mkdir()
     result = fabric.launch(
-        fabric_mnist1d.train,
+        fabric_example_reporting_gloo_threads,  # fabric_mnist1d.train
+        exits,
         steps=4,
         batch_size=32,
         accumulation=2,
@@ -100,3 +104,8 @@ def test_example_on_two_processes_scales_with_the_world_size(
     rows = _rows(result["log_dir"])  # rank zero's log only
     assert [int(r["step"]) for r in rows] == [1, 3]
     assert all(float(r["tvlars/effective_batch_size"]) == 128 for r in rows)
+    # The example destroys its process group at exit, which joins gloo's threads: none is left
+    # to abort the process while the interpreter shuts down (docs/faq.md).
+    left = gloo_threads_at_exit(exits)
+    assert set(left) == {0, 1}
+    assert left in ({0: [], 1: []}, {0: None, 1: None})  # None: no /proc to read names from

@@ -28,7 +28,7 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
-from dist_workers import init
+from dist_workers import finish, init
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -258,12 +258,10 @@ def local_shard_norms() -> Iterator[None]:
         yield
 
 
-def _finish(out: str, result: dict[str, Any]) -> None:
-    """Rank 0 writes the measurements; all ranks leave the process group together."""
+def _write(out: str, result: dict[str, Any]) -> None:
+    """Rank 0 writes the measurements."""
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------- 2 ranks: pure TP
@@ -305,11 +303,16 @@ def _check_local_gradients(mesh: DeviceMesh) -> dict[str, Any]:
 
 
 def sequence_parallel_worker(rank: int, world: int, port: int, out: str) -> None:
+    init(rank, world, port)
+    _write(out, _sequence_parallel(rank, world))
+    finish(dtensor=True)  # the models of the run above are released
+
+
+def _sequence_parallel(rank: int, world: int) -> dict[str, Any]:
     """Pure tensor parallelism on 2 ranks with SequenceParallel LayerNorms.
 
     Then the negative control: partial gradients taken as local tensors (the bug of #16).
     """
-    init(rank, world, port)
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
 
     def build() -> tuple[nn.Module, TVLARS]:
@@ -336,7 +339,7 @@ def sequence_parallel_worker(rank: int, world: int, port: int, out: str) -> None
     assert_caught(broken, "partial gradients taken as local")
     result["negative_control"] = {k: broken[k] for k in ("weight_difference", "replicas_equal")}
     result["local_gradients_collectives"] = _check_local_gradients(mesh)
-    _finish(out, result)
+    return result
 
 
 # ---------------------------------------------------------------------- 4 ranks: 2 x 2 mesh
@@ -458,13 +461,18 @@ def _fp16_sharded_scaler(mesh: DeviceMesh, rank: int) -> dict[str, Any]:
 
 
 def mesh_2d_worker(rank: int, world: int, port: int, out: str) -> None:
+    init(rank, world, port)
+    _write(out, _mesh_2d(rank))
+    finish(dtensor=True)  # the models of the run above are released
+
+
+def _mesh_2d(rank: int) -> dict[str, Any]:
     """On a (dp=2, tp=2) mesh: FSDP2 + TP with ``head`` on the dp sub-mesh; TP alone on the tp
     sub-mesh; TP + DDP; fp16 with ``ShardedGradScaler``; refused meshes.
 
     Negative controls: counting every copy of the dp sub-mesh (FSDP2 + TP) and local-shard
     norms (TP + DDP, what TVLARS did before) must fail the comparison.
     """
-    init(rank, world, port)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     dp, tp = mesh["dp"].get_local_rank(), mesh["tp"].get_local_rank()
 
@@ -511,4 +519,4 @@ def mesh_2d_worker(rank: int, world: int, port: int, out: str) -> None:
 
     result["fp16"] = _fp16_sharded_scaler(mesh, rank)
     result["refusals"] = _refusals()
-    _finish(out, result)
+    return result

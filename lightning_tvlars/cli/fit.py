@@ -18,6 +18,7 @@ Your own module gets the same ``--model.tvlars.*`` flags from any LightningCLI w
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import os
 import re
@@ -27,13 +28,14 @@ from collections.abc import Callable
 from typing import Any, get_type_hints
 
 import lightning.pytorch as pl
-from jsonargparse import ArgumentError, ArgumentParser, Namespace
+from jsonargparse import ArgumentError, ArgumentParser, DefaultHelpFormatter, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_tvlars.lightning.mixin import TVLARSMixin
 from lightning_tvlars.lightning.monitor import TVLARSMonitor
+from lightning_tvlars.lightning.teardown import EndProcessGroupAtExit
 from lightning_tvlars.optim.groups import GroupOverride
 from lightning_tvlars.recipe import TVLARSConfig, groups_for
 
@@ -48,6 +50,14 @@ DEFAULT_MODEL = "MNIST1DClassifier"
 
 class CLIError(Exception):
     """A wrong command line, already phrased for the user (one line)."""
+
+
+class CommandListFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help formatter, keeping the line breaks of the command list (epilog).
+
+    At module level: ``ddp_spawn`` pickles the CLI, its parser and this class with it, into
+    each process, and a class defined inside a function cannot be pickled.
+    """
 
 
 def _import(path: str) -> Any:
@@ -211,6 +221,7 @@ class TVLARSCLI(LightningCLI):
         if not trainer.loggers:  # the monitor would refuse the run; nothing to log to
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, TVLARSMonitor)]  # type: ignore[attr-defined]
             rank_zero_info("TVLARSMonitor is off: the trainer has no logger (--trainer.logger).")
+        EndProcessGroupAtExit.register(trainer)  # any --model: ddp/ddp_spawn processes exit cleanly
         return trainer
 
     def after_fit(self) -> None:

@@ -78,21 +78,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         getattr(importlib.import_module(module), function)(args[1:])
         return
     silence_known_noise()
-    import argparse
-
-    from jsonargparse import DefaultHelpFormatter
-
     from lightning_tvlars.cli import fit
-
-    class Formatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
-        """Keeps the line breaks of the command list."""
 
     if not args:
         args = ["--help"]  # the commands, rather than "expected a subcommand"
     # From the console, LightningCLI reads sys.argv itself (passing it again makes it warn).
     fit.fit_main(
         None if argv is None and sys.argv[1:] == args else args,
-        parser_kwargs={"epilog": _epilog(), "formatter_class": Formatter},
+        parser_kwargs={"epilog": _epilog(), "formatter_class": fit.CommandListFormatter},
     )
 
 

@@ -19,6 +19,7 @@ from lightning.fabric.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_tvlars.distributed import end_process_group_at_exit
 from lightning_tvlars.examples.classifier import encoder
 from lightning_tvlars.examples.mnist1d import NUM_CLASSES, generate
 from lightning_tvlars.fabric import configure_tvlars_fabric
@@ -78,6 +79,9 @@ def train(
                 break
     for logger in fabric.loggers:
         logger.finalize("success")  # writes what the loggers still buffer
+    # Destroy the process group when this process exits, once the DDP model is released: a gloo
+    # group left to the interpreter's own shutdown can abort the process (docs/faq.md).
+    end_process_group_at_exit()
     plan = scheduler.plan
     return {
         "steps": optimizer.step_count,

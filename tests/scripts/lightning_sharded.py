@@ -9,7 +9,6 @@ Run as a script because Lightning's FSDP/ModelParallel launchers re-execute the 
 
 from __future__ import annotations
 
-import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -19,9 +18,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dist_workers import exit_without_shutdown
 from lightning_helpers import EQUIVALENCE_CONFIG, TinyRegressor, equivalence_trainer
 
 from lightning_tvlars import TVLARS
+from lightning_tvlars.distributed import end_process_group
 from lightning_tvlars.optim.groups import clean_name
 
 
@@ -126,12 +127,12 @@ def main(kind: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
-    # gloo's threads sometimes abort at interpreter teardown after FSDP1 ("terminate called
-    # without an active exception"): once every rank is done, leave without the teardown.
+    # Every rank is done: leave the process group together (docs/faq.md). Under FSDP2
+    # (ModelParallelStrategy) the group outlives its destruction (DTensor's caches keep it), and
+    # its gloo threads can abort the interpreter's shutdown: leave without that shutdown.
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_initialized():
         dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_process_group()
+    exit_without_shutdown()
