@@ -174,9 +174,15 @@ class TVLARSConfig:
         base_batch_size: the batch ``lr`` is given for.
         weight_decay: decay of the adapted parameters (>= 0); biases and normalization
             parameters get none.
-        momentum, trust_coefficient, norm_clip, nesterov: LARS only (see TVLARS).
-        betas, eps, max_grad_norm, trust_clip: LAMB only (see LAMB; ``max_grad_norm`` None: no
-            global clip).
+        momentum: LARS: heavy-ball momentum in [0, 1).
+        trust_coefficient: LARS: ``eta`` > 0 of the trust ratio ``eta * ||w|| / ||g + wd * w||``.
+        norm_clip: LARS: if set (> 0), both norms of the trust ratio are clamped to it (the
+            authors' code).
+        nesterov: LARS: Nesterov momentum (timm's ``nlars``).
+        betas: LAMB: the moments' coefficients ``(beta1, beta2)``.
+        eps: LAMB: added to the root of the second moment (> 0).
+        max_grad_norm: LAMB: clip all gradients together by their global norm (None: no clip).
+        trust_clip: LAMB: clamp the trust ratio to at most 1 (LAMBC).
         phase: the phase (:class:`PhaseConfig`); ``PhaseConfig(mode="off")`` for none.
         warmup_fraction: a linear warm-up of the learning rate over this fraction of the run.
         lr_schedule: after the warm-up, ``constant``, ``cosine`` or ``polynomial`` to
@@ -367,7 +373,7 @@ def build(
             facts.accumulation,
             facts.steps_per_epoch,
         )
-    optimizer = config.optimizer_class(  # type: ignore[call-arg]
+    optimizer = config.optimizer_class(
         groups_for(module, config, parameters), **config.optimizer_options()
     )
     return optimizer, config.scheduler(optimizer, facts)

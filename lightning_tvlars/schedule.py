@@ -220,7 +220,10 @@ class TVLARSScheduler(LRScheduler):
         self._install_phase()
         if self.external:  # the batch-scaled rate, once: the user's scheduler starts from it
             self._write(
-                [b * self._group_scale(i) * self.batch_scale for i, b in enumerate(self.base_lrs)]
+                [
+                    float(b) * self._group_scale(i) * self.batch_scale
+                    for i, b in enumerate(self.base_lrs)
+                ]
             )
             self._written = None
         optimizer.register_step_pre_hook(self._before_step)
@@ -307,9 +310,8 @@ class TVLARSScheduler(LRScheduler):
         if self.external:
             return float(self.optimizer.param_groups[group]["lr"])
         t = self.clock if step is None else step
-        return (
-            self.base_lrs[group] * self._group_scale(group) * self.batch_scale * self.lr_factor(t)
-        )
+        base = float(self.base_lrs[group])
+        return base * self._group_scale(group) * self.batch_scale * self.lr_factor(t)
 
     def base_lr_for(self, applied_lr: float) -> float:
         """The base learning rate (at ``base_batch_size``) of an applied one at this batch."""

@@ -195,7 +195,11 @@ def test_fit_help_shows_every_tvlars_field_with_its_help(
     out = " ".join(capsys.readouterr().out.split())  # help text is wrapped
     for flag, words in {
         "--model.tvlars.lr LR": "base learning rate at ``base_batch_size``",
-        "--model.tvlars.momentum MOMENTUM": "heavy-ball momentum in [0, 1)",
+        "--model.tvlars.momentum MOMENTUM": "LARS: heavy-ball momentum in [0, 1)",
+        "--model.tvlars.optimizer {lars,lamb}": "``lars`` (:class:`~lightning_tvlars.TVLARS`)",
+        "--model.tvlars.max_grad_norm MAX_GRAD_NORM": "LAMB: clip all gradients together",
+        "--model.tvlars.warmup_fraction WARMUP_FRACTION": "a linear warm-up of the learning rate",
+        "--model.tvlars.total_steps TOTAL_STEPS": "the run's length in optimizer steps",
         "--model.tvlars.trust_coefficient TRUST_COEFFICIENT": "``eta`` > 0 of the trust ratio",
         "--model.tvlars.phase.decay DECAY": "explicit: the steepness",
         "--monitor.prog_bar {true,false}": "progress bar",
@@ -203,7 +207,7 @@ def test_fit_help_shows_every_tvlars_field_with_its_help(
         assert flag in out and words in out, flag
     # a list: recent jsonargparse releases show its items as [ITEM,...], older ones its name
     assert re.search(r"--model\.tvlars\.overrides (\[ITEM,\.\.\.\]|OVERRIDES),", out)
-    assert "per-pattern ``lr_scale``" in out
+    assert "per-selector ``lr_scale``" in out
     assert "--model chooses another: BarlowTwins1D, GAN1D" in out
 
 

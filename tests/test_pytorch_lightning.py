@@ -17,13 +17,13 @@ from torch.utils.data import DataLoader
 from lightning_tvlars import (
     TVLARS,
     PhaseConfig,
-    ScheduleSync,
     TVLARSConfig,
     TVLARSMixin,
     TVLARSMonitor,
     TVLARSScheduler,
     configure_tvlars,
 )
+from lightning_tvlars.lightning import ScheduleSync
 
 
 class Regressor(TVLARSMixin, pl.LightningModule):

@@ -19,7 +19,8 @@ import torch
 from lightning_tvlars._validation import int_argument
 from lightning_tvlars.examples.classifier import MNIST1DClassifier
 from lightning_tvlars.examples.mnist1d import MNIST1DDataModule
-from lightning_tvlars.lightning import TVLARSConfig, TVLARSMonitor
+from lightning_tvlars.lightning import TVLARSMonitor
+from lightning_tvlars.recipe import TVLARSConfig
 
 
 class TimedMonitor(TVLARSMonitor):

@@ -183,7 +183,9 @@ def phase_setting(setting: str, total_steps: int) -> PhaseConfig:
     half = setting_value(setting)
     if half is None or not setting.startswith("half="):
         raise ValueError(f"setting {setting!r} is invalid for a phase arm")
-    return PhaseConfig(half_at=0.99, decayed_by_end=0.51) if half >= 1 else PhaseConfig(half_at=half)
+    return (
+        PhaseConfig(half_at=0.99, decayed_by_end=0.51) if half >= 1 else PhaseConfig(half_at=half)
+    )
 
 
 def arm_config(arm: Arm, spec: RunSpec, total_steps: int) -> TVLARSConfig:

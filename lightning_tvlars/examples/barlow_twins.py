@@ -32,8 +32,9 @@ from torch.utils.data import DataLoader
 
 from lightning_tvlars.examples.classifier import encoder
 from lightning_tvlars.examples.mnist1d import NUM_CLASSES
-from lightning_tvlars.lightning import TVLARSConfig, TVLARSMixin
+from lightning_tvlars.lightning import TVLARSMixin
 from lightning_tvlars.optim.groups import GroupOverride
+from lightning_tvlars.recipe import TVLARSConfig
 
 #: The defaults of ``BarlowTwins1D(tvlars=...)`` (a module-level instance: LightningCLI shows
 #: every field; the mixin copies it into each module's hyper-parameters).

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from lightning_tvlars._validation import check_non_negative_int, check_positive_int
 from lightning_tvlars.examples.mnist1d import NUM_CLASSES
-from lightning_tvlars.lightning import TVLARSConfig, TVLARSMixin
+from lightning_tvlars.lightning import TVLARSMixin
+from lightning_tvlars.recipe import TVLARSConfig
 
 
 class ResidualBlock1d(nn.Module):

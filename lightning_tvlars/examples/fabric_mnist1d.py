@@ -23,8 +23,8 @@ from lightning_tvlars.distributed import end_process_group_at_exit
 from lightning_tvlars.examples.classifier import encoder
 from lightning_tvlars.examples.mnist1d import NUM_CLASSES, generate
 from lightning_tvlars.fabric import configure_tvlars_fabric
-from lightning_tvlars.recipe import TVLARSConfig
 from lightning_tvlars.metrics import tvlars_metrics
+from lightning_tvlars.recipe import TVLARSConfig
 
 
 def train(

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_tvlars.examples.mnist1d import SEQUENCE_LENGTH
-from lightning_tvlars.lightning import TVLARSConfig, configure_tvlars
+from lightning_tvlars.lightning import configure_tvlars
+from lightning_tvlars.recipe import TVLARSConfig
 
 #: Defaults of the two optimizers (module-level instances: LightningCLI shows every field).
 GENERATOR_TVLARS = TVLARSConfig(lr=0.5, weight_decay=0.0)

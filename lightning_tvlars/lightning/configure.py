@@ -108,13 +108,13 @@ def _refuse_an_unknown_time_budget(
         or config.warmup_fraction > 0
         or config.lr_schedule in ("cosine", "polynomial")
     )
-    if facts.total_steps is None and config.total_steps is None and needs_length:
-        if time_budget(trainer) is not None:
-            raise ValueError(
-                "Trainer(max_time=...) alone does not say how many optimizer steps the run "
-                "takes, and this schedule needs it before the first step (a fitted phase, a "
-                "warm-up or annealing): add max_epochs or max_steps (the schedule then follows "
-                "whichever ends first, re-planned from the measured step rate), state the length "
-                "(TVLARSConfig(total_steps=...)), or use an explicit phase "
-                "(PhaseConfig(mode='explicit', decay=..., delay=...)) with a constant learning rate"
-            )
+    unknown = facts.total_steps is None and config.total_steps is None
+    if unknown and needs_length and time_budget(trainer) is not None:
+        raise ValueError(
+            "Trainer(max_time=...) alone does not say how many optimizer steps the run "
+            "takes, and this schedule needs it before the first step (a fitted phase, a "
+            "warm-up or annealing): add max_epochs or max_steps (the schedule then follows "
+            "whichever ends first, re-planned from the measured step rate), state the length "
+            "(TVLARSConfig(total_steps=...)), or use an explicit phase "
+            "(PhaseConfig(mode='explicit', decay=..., delay=...)) with a constant learning rate"
+        )

@@ -35,7 +35,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_tvlars._validation import check_positive, check_positive_int
 from lightning_tvlars.lightning._compat import lightning_classes
 from lightning_tvlars.lightning.run import effective_batch_size
-from lightning_tvlars.recipe import check_strategy
 from lightning_tvlars.metrics import (
     Reading,
     compile_name_filter,
@@ -45,6 +44,7 @@ from lightning_tvlars.metrics import (
     summary_tensors,
 )
 from lightning_tvlars.optim.base import LayerwiseOptimizer
+from lightning_tvlars.recipe import check_strategy
 
 
 class TVLARSMonitor(pl.Callback):
@@ -158,7 +158,12 @@ class TVLARSMonitor(pl.Callback):
                     self.logged_steps += 1
 
     def _log(
-        self, trainer: pl.Trainer, optimizer: LayerwiseOptimizer, prefix: str, batch: int | None, step: int
+        self,
+        trainer: pl.Trainer,
+        optimizer: LayerwiseOptimizer,
+        prefix: str,
+        batch: int | None,
+        step: int,
     ) -> None:
         # Every rank takes part: under sharding the gradient norms need one collective.
         grad_norm = gradient_norms(optimizer)

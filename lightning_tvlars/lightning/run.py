@@ -67,7 +67,7 @@ def time_budget(trainer: pl.Trainer) -> float | None:
     )
     if timer is None or getattr(timer, "_duration", None) is None:
         return None
-    return float(timer.time_remaining("train") or 0.0)
+    return float(timer.time_remaining("train") or 0.0)  # type: ignore[attr-defined]
 
 
 def epoch_lengths(trainer: pl.Trainer) -> tuple[int, ...]:

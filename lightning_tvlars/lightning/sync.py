@@ -80,7 +80,9 @@ class ScheduleSync(pl.Callback):
 
     def facts(self, trainer: pl.Trainer, followed: _Followed, **rate: Any) -> RunFacts:
         """The run as it is now for one schedule (its config's ``total_steps`` wins)."""
-        optimizers = 1 if trainer.lightning_module.automatic_optimization else len(trainer.optimizers)
+        optimizers = (
+            1 if trainer.lightning_module.automatic_optimization else len(trainer.optimizers)
+        )
         facts = run_facts(trainer, followed.batch_size, optimizers, **rate)
         if followed.config.total_steps is not None:
             return RunFacts(
@@ -148,7 +150,10 @@ class ScheduleSync(pl.Callback):
         steps = followed.scheduler.clock - first
         if steps < TIME_FIRST_STEPS:
             return {}
-        return {"seconds_per_step": (time.monotonic() - start) / steps, "step": followed.scheduler.clock}
+        return {
+            "seconds_per_step": (time.monotonic() - start) / steps,
+            "step": followed.scheduler.clock,
+        }
 
     @staticmethod
     def _warn_if_the_epoch_length_changed(trainer: pl.Trainer, followed: _Followed) -> None:

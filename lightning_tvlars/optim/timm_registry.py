@@ -46,9 +46,7 @@ def _groups(params: Params) -> list[dict[str, Any]]:
     return split_groups_by_ndim(groups)  # type: ignore[arg-type]
 
 
-def _with_phase(
-    cls: type[LayerwiseOptimizer], name: str, plain: str
-) -> Callable[..., Optimizer]:
+def _with_phase(cls: type[LayerwiseOptimizer], name: str, plain: str) -> Callable[..., Optimizer]:
     def build(params: Params, **kwargs: Any) -> Optimizer:
         given = {k: kwargs.pop(k) for k in PHASE_KWARGS if k in kwargs}
         if "decay" not in given or "delay" not in given:

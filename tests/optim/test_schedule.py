@@ -147,7 +147,7 @@ def test_external_hands_the_rate_to_your_scheduler_from_the_batch_scaled_start()
     )
     assert [phi for phi, _, _ in applied] == pytest.approx([opt.phase(t) for t in range(10)])
     assert "your scheduler" in sched.describe()
-    with pytest.raises(ValueError, match="warmup_fraction=0.1 has no effect with lr_schedule"):
+    with pytest.raises(ValueError, match=r"warmup_fraction=0\.1 has no effect with lr_schedule"):
         TVLARSScheduler(_optimizer(), total_steps=10, warmup_fraction=0.1, lr_schedule="external")
 
 
@@ -324,7 +324,7 @@ def test_bad_arguments_name_the_problem() -> None:
         TVLARSScheduler(_optimizer(), total_steps=None, phase=FittedPhase())
     with pytest.raises(ValueError, match="lr_schedule='cosine' needs the run length"):
         TVLARSScheduler(_optimizer(), total_steps=None, lr_schedule="cosine")
-    with pytest.raises(ValueError, match="warmup_fraction=0.1 needs the run length"):
+    with pytest.raises(ValueError, match=r"warmup_fraction=0\.1 needs the run length"):
         TVLARSScheduler(_optimizer(), total_steps=None, warmup_fraction=0.1)
     with pytest.raises(ValueError, match="total_steps=0 is invalid"):
         TVLARSScheduler(_optimizer(), total_steps=0)
