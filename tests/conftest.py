@@ -51,3 +51,15 @@ def free_port(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let each distributed test pick a fresh free port."""
     monkeypatch.delenv("MASTER_PORT", raising=False)
     monkeypatch.delenv("MASTER_ADDR", raising=False)
+
+
+TIERS = ("optim", "lightning", "distributed", "tools")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its tier, the folder it lives in (``pytest -m optim`` runs in
+    seconds; CI runs them all)."""
+    for item in items:
+        tier = item.path.parent.name
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from reference_impl import PlainTVLARS
 from torch import nn
 
-from lightning_tvlars import TVLARS, SigmoidPhase, trust_ratio
+from lightning_tvlars import TVLARS, SigmoidPhase
+from lightning_tvlars.optim import trust_ratio
 from lightning_tvlars.optim.groups import split_by_ndim
 
 pytestmark = pytest.mark.optim

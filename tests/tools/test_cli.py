@@ -156,7 +156,7 @@ def test_cli_fit_trains_with_tvlars_and_the_monitor(tmp_path: Path) -> None:
     "name", ["tvlars_mnist1d.yaml", "lars_cosine_mnist1d.yaml", "barlow_twins_mnist1d.yaml"]
 )
 def test_example_configs_parse(name: str, capsys: pytest.CaptureFixture[str]) -> None:
-    path = Path(__file__).parent.parent / "configs" / name
+    path = Path(__file__).parents[2] / "configs" / name
     config = _print_config([f"--config={path}"], capsys)
     assert config["model"]["init_args"]["tvlars"]["phase"]["mode"] in ("fitted", "off")
 

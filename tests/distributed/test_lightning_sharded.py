@@ -13,7 +13,7 @@ from lightning_helpers import EQUIVALENCE_TOLERANCE
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 
-SCRIPT = Path(__file__).parent / "scripts" / "lightning_sharded.py"
+SCRIPT = Path(__file__).parent.parent / "scripts" / "lightning_sharded.py"
 
 
 def _run(kind: str, tmp_path: Path) -> dict:
