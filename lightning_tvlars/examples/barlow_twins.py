@@ -11,11 +11,12 @@ Two modules:
   ``lightning-tvlars fit --model BarlowTwins1D``. The frozen encoder is evaluated by weighted
   k-nearest-neighbour classification (lightly's ``knn_predict``).
 * :class:`LightlyBarlowTwins1D` (the standalone ``pytorch_lightning`` package, as in lightly's
-  own examples): lightly's Barlow Twins recipe for LARS, expressed for TVLARS. Weights at
-  ``0.2 x B/256`` with weight decay 1.5e-6; biases and normalization parameters at
-  ``0.0048 x B/256`` (``lr_scale`` 0.024); an online linear classifier (lightly's
-  ``OnlineLinearClassifier``, trained on detached features) with neither weight decay nor
-  trust ratio, as a ``GroupOverride`` of the config.
+  own examples): lightly's Barlow Twins recipe (:func:`lightning_tvlars.recipe.barlow_twins`;
+  lightly's own warm-up + cosine form: :func:`~lightning_tvlars.recipe.
+  barlow_twins_warmup_cosine`). Weights at ``0.2 x B/256`` with weight decay 1.5e-6; biases and
+  normalization parameters at ``0.0048 x B/256`` (``lr_scale`` 0.024); an online linear
+  classifier (lightly's ``OnlineLinearClassifier``, trained on detached features) with neither
+  weight decay nor trust ratio, as a ``GroupOverride`` of the config.
 """
 
 from __future__ import annotations
@@ -33,26 +34,14 @@ from torch.utils.data import DataLoader
 from lightning_tvlars.examples.classifier import encoder
 from lightning_tvlars.examples.mnist1d import NUM_CLASSES
 from lightning_tvlars.lightning import TVLARSMixin
-from lightning_tvlars.optim.groups import GroupOverride
-from lightning_tvlars.recipe import TVLARSConfig
+from lightning_tvlars.recipe import TVLARSConfig, barlow_twins
 
 #: The defaults of ``BarlowTwins1D(tvlars=...)`` (a module-level instance: LightningCLI shows
 #: every field; the mixin copies it into each module's hyper-parameters).
 DEFAULT_TVLARS = TVLARSConfig()
 
-#: lightly's Barlow Twins recipe (benchmarks/imagenet/resnet50/barlowtwins.py) for TVLARS:
-#: ``lr`` 0.2 per 256 samples, weight decay 1.5e-6, biases and normalization parameters at
-#: 0.0048 / 0.2 of the learning rate (``"@excluded"`` selects them by module type and name), and
-#: the online classifier neither decayed nor adapted, at the full learning rate.
-BARLOW_TWINS_TVLARS = TVLARSConfig(
-    lr=0.2,
-    base_batch_size=256,
-    weight_decay=1.5e-6,
-    overrides=[
-        GroupOverride(match="@excluded", lr_scale=0.024),
-        GroupOverride(match="online_classifier.*", lr_scale=1.0, weight_decay=0.0, adapt=False),
-    ],
-)
+#: lightly's Barlow Twins recipe with TVLARS (:func:`lightning_tvlars.recipe.barlow_twins`).
+BARLOW_TWINS_TVLARS = barlow_twins()
 
 
 def augment(x: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -58,6 +58,66 @@ def test_helper_scales_the_lr_with_the_effective_batch_and_fits_the_phase() -> N
         configure_tvlars_fabric(fabric, model, total_steps=10, batch_size=32, accumulation=0)
 
 
+def test_lamb_with_a_warmup_and_cosine_in_a_fabric_loop_applies_the_planned_rates() -> None:
+    """The family and the recipe's schedules under Fabric: LAMB, a warm-up and a cosine, the
+    rate each step applies is the rate the scheduler plans (the same numbers as a Trainer)."""
+    fabric = Fabric(accelerator="cpu", devices=1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    config = TVLARSConfig(
+        optimizer="lamb",
+        lr=0.01,
+        lr_scaling="sqrt",
+        base_batch_size=64,
+        phase=PhaseConfig(mode="off"),
+        warmup_fraction=0.2,
+        lr_schedule="cosine",
+    )
+    optimizer, scheduler = configure_tvlars_fabric(
+        fabric, model, config, total_steps=20, batch_size=64, accumulation=4
+    )
+    model, optimizer = fabric.setup(model, optimizer)
+    applied = []
+    for _ in range(20):
+        model(torch.randn(64, 4)).square().mean().backward()
+        optimizer.step()
+        applied.append(optimizer.last_step_stats.lr[0])
+        scheduler.step()
+        optimizer.zero_grad()
+    assert type(scheduler.optimizer).__name__ == "LAMB" and scheduler.batch_scale == 2.0
+    assert applied == pytest.approx([scheduler.applied_lr(t) for t in range(20)])
+    assert applied[4] == pytest.approx(0.02) and applied[0] == pytest.approx(0.02 / 5)
+
+
+def test_fabric_never_loads_the_trainer_stack() -> None:
+    """``configure_tvlars_fabric`` and the metrics import no Lightning package: a Fabric program
+    on the standalone ``lightning_fabric`` never loads ``lightning.pytorch`` because of them."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+import torch
+from lightning_fabric import Fabric
+from lightning_tvlars import TVLARSConfig, configure_tvlars_fabric, tvlars_metrics
+fabric = Fabric(accelerator="cpu", devices=1)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+optimizer, scheduler = configure_tvlars_fabric(fabric, model, TVLARSConfig(), total_steps=3,
+                                               batch_size=8)
+model, optimizer = fabric.setup(model, optimizer)
+for _ in range(3):
+    model(torch.randn(8, 4)).square().mean().backward()
+    optimizer.step(); scheduler.step(); optimizer.zero_grad()
+metrics = tvlars_metrics(optimizer, scheduler=scheduler)
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("pytorch_lightning", "lightning"))
+print(len(metrics) > 5, loaded)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert out.strip().splitlines()[-1] == "True []", out
+
+
 def test_example_logs_the_monitor_metrics_through_fabric(tmp_path: Path) -> None:
     fabric = Fabric(accelerator="cpu", devices=1, loggers=CSVLogger(tmp_path, name="run"))
     result = fabric_mnist1d.train(
