@@ -336,3 +336,35 @@ def test_lazy_top_level_exports_are_the_lightning_packages_public_names() -> Non
     )
     for name in lightning_tvlars._LIGHTNING_NAMES:
         assert getattr(lightning_tvlars, name) is getattr(lightning_tvlars.lightning, name)
+
+
+def test_lamb_with_a_warmup_and_cosine_from_lightning_cli_flags(tmp_path: Path) -> None:
+    """The recipe's options are LightningCLI flags of a module that takes ``tvlars``."""
+    from lightning.pytorch.cli import LightningCLI
+
+    cli = LightningCLI(
+        TinyRegressor,
+        args=[
+            "--model.tvlars.optimizer=lamb",
+            "--model.tvlars.lr=0.01",
+            "--model.tvlars.phase.mode=off",
+            "--model.tvlars.warmup_fraction=0.25",
+            "--model.tvlars.lr_schedule=polynomial",
+            "--model.tvlars.max_grad_norm=1.0",
+            "--model.batch_size=64",
+            "--trainer.max_steps=8",
+            "--trainer.accelerator=cpu",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
+        ],
+        run=False,
+    )
+    cli.trainer.fit(cli.model)
+    (optimizer,) = cli.trainer.optimizers
+    (config,) = cli.trainer.lr_scheduler_configs
+    assert type(optimizer).__name__ == "LAMB" and optimizer.step_count == 8
+    assert optimizer.defaults["max_grad_norm"] == 1.0 and optimizer.phase is None
+    scheduler = config.scheduler
+    assert scheduler.plan.warmup_steps == 2 and scheduler.lr_schedule == "polynomial"
+    assert optimizer.last_step_stats.lr[0] == pytest.approx(scheduler.applied_lr(7))

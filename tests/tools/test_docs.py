@@ -87,3 +87,20 @@ def test_site_builds_without_warnings(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stderr[-4000:]
     assert (tmp_path / "site" / "api" / "index.html").exists()
+
+
+def test_the_api_page_has_a_section_for_every_public_name_and_no_other() -> None:
+    import lightning_tvlars
+
+    page = (ROOT / "docs" / "api.md").read_text()
+    # names loaded with Lightning are documented under lightning_tvlars.lightning (mkdocstrings
+    # reads the source and cannot follow the package's lazy __getattr__)
+    documented = set(
+        re.findall(r"^::: lightning_tvlars\.(?:lightning\.)?(\w+)$", page, flags=re.MULTILINE)
+    )
+    public = set(lightning_tvlars.__all__) - {"__version__"}
+    assert public == documented & public, f"not on the API page: {sorted(public - documented)}"
+    # every top-level reference is a public name (a removed name would linger here)
+    plumbing = {"ScheduleSync", "EndProcessGroupAtExit", "distributed"}
+    assert documented - public <= plumbing, sorted(documented - public - plumbing)
+    assert len(public) <= 20  # about 15 names, each with one job
