@@ -22,17 +22,18 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from lightning_tvlars import TVLARS, SigmoidPhase, param_groups
+from lightning_tvlars import LAMB, TVLARS, SigmoidPhase, param_groups
 
 # Imported before any process group exists, it imports torch.distributed.nn, which would hold
 # the group it finds for the life of the process (see lightning_tvlars.distributed).
 from lightning_tvlars.distributed import end_process_group
+from lightning_tvlars.optim.base import LayerwiseOptimizer
 
 STEPS = 4
 GLOBAL_BATCH = 16
@@ -64,13 +65,36 @@ def mlp() -> nn.Sequential:
     ).double()
 
 
-def make_optimizer(model: nn.Module) -> TVLARS:
-    return TVLARS(
-        param_groups(model, weight_decay=1e-2),
-        lr=3.0,
-        trust_coefficient=1e-2,
-        phase=SigmoidPhase(decay=0.5, delay=2),
-    )
+#: The optimizers the workers run (the tests name one per spawn): TVLARS, LAMB with a phase, and
+#: LAMB with a phase and the global gradient clip (active: the gradients' norm is above 0.05).
+OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]]], LayerwiseOptimizer]] = {
+    "tvlars": lambda groups: TVLARS(
+        groups, lr=3.0, trust_coefficient=1e-2, phase=SigmoidPhase(decay=0.5, delay=2)
+    ),
+    "lamb": lambda groups: LAMB(
+        groups, lr=0.05, max_grad_norm=None, phase=SigmoidPhase(decay=0.5, delay=2)
+    ),
+    "lamb-clip": lambda groups: LAMB(
+        groups, lr=0.05, max_grad_norm=0.05, phase=SigmoidPhase(decay=0.5, delay=2)
+    ),
+}
+_CHOSEN = {"name": "tvlars"}
+
+
+def use_optimizer(name: str) -> None:
+    """Make :func:`make_optimizer` build ``name`` in this process (each worker calls it)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is invalid: expected one of {sorted(OPTIMIZERS)}")
+    _CHOSEN["name"] = name
+
+
+def chosen_optimizer() -> str:
+    """The name :func:`make_optimizer` builds in this process."""
+    return _CHOSEN["name"]
+
+
+def make_optimizer(model: nn.Module) -> LayerwiseOptimizer:
+    return OPTIMIZERS[_CHOSEN["name"]](param_groups(model, weight_decay=1e-2))
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +157,11 @@ class CollectiveCounter:
 
 
 def train_pair(
-    sharded: nn.Module, opt: TVLARS, reference: nn.Module, rank: int, replicas_per_batch: int
+    sharded: nn.Module,
+    opt: LayerwiseOptimizer,
+    reference: nn.Module,
+    rank: int,
+    replicas_per_batch: int,
 ) -> list[int]:
     """STEPS steps on both; ``sharded`` sees this rank's slice of the global batch.
 
@@ -177,7 +205,10 @@ def _fully_sharded_mlp(mesh: object) -> nn.Module:
     return fully_shard(model, mesh=mesh)
 
 
-def fsdp2_worker(rank: int, world: int, port: int, mesh_shape: tuple[int, ...], out: str) -> None:
+def fsdp2_worker(
+    rank: int, world: int, port: int, mesh_shape: tuple[int, ...], out: str, optimizer: str
+) -> None:
+    use_optimizer(optimizer)
     init(rank, world, port)
     _fsdp2(rank, world, mesh_shape, out)
     finish(dtensor=True)
@@ -227,7 +258,10 @@ def _fsdp2(rank: int, world: int, mesh_shape: tuple[int, ...], out: str) -> None
         Path(out + f".sizes{rank}").write_text(json.dumps(local_sizes))
 
 
-def fsdp1_worker(rank: int, world: int, port: int, use_orig_params: bool, out: str) -> None:
+def fsdp1_worker(
+    rank: int, world: int, port: int, use_orig_params: bool, out: str, optimizer: str
+) -> None:
+    use_optimizer(optimizer)
     init(rank, world, port)
     _fsdp1(rank, world, use_orig_params, out)
     finish()
@@ -276,7 +310,8 @@ def _fsdp1(rank: int, world: int, use_orig_params: bool, out: str) -> None:
         Path(out).write_text(json.dumps({"collectives": counts, "names": names}))
 
 
-def ddp_count_worker(rank: int, world: int, port: int, out: str) -> None:
+def ddp_count_worker(rank: int, world: int, port: int, out: str, optimizer: str) -> None:
+    use_optimizer(optimizer)
     init(rank, world, port)
     _ddp_count(rank, world, out)
     finish()

@@ -28,7 +28,7 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
-from dist_workers import finish, init
+from dist_workers import chosen_optimizer, finish, init, make_optimizer, use_optimizer
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
@@ -41,7 +41,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from lightning_tvlars import TVLARS, SigmoidPhase, param_groups
+from lightning_tvlars import TVLARS
 from lightning_tvlars.optim import base as base_module
 from lightning_tvlars.optim import norms as norms_module
 from lightning_tvlars.optim.norms import ReductionPlan, local_gradients, local_tensor
@@ -87,15 +87,6 @@ def tp_plan() -> dict[str, ParallelStyle]:
         "norm2": SequenceParallel(),
         "proj": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
     }
-
-
-def make_optimizer(model: nn.Module) -> TVLARS:
-    return TVLARS(
-        param_groups(model, weight_decay=1e-2),
-        lr=3.0,
-        trust_coefficient=1e-2,
-        phase=SigmoidPhase(decay=0.5, delay=2),
-    )
 
 
 def batch(step: int) -> tuple[Tensor, Tensor]:
@@ -302,7 +293,8 @@ def _check_local_gradients(mesh: DeviceMesh) -> dict[str, Any]:
     return {str(op): n for op, n in comm.get_comm_counts().items() if n}
 
 
-def sequence_parallel_worker(rank: int, world: int, port: int, out: str) -> None:
+def sequence_parallel_worker(rank: int, world: int, port: int, out: str, optimizer: str) -> None:
+    use_optimizer(optimizer)
     init(rank, world, port)
     _write(out, _sequence_parallel(rank, world))
     finish(dtensor=True)  # the models of the run above are released
@@ -437,8 +429,10 @@ def _fp16_sharded_scaler(mesh: DeviceMesh, rank: int) -> dict[str, Any]:
         ref_opt.step()  # on step 1 without gradients: t advances, as for a skipped step
         ref_opt.zero_grad()
     difference = max_relative_difference(full_weights(opt), reference)
-    # fp16 compute: measured 6e-3 after 2 steps; a sanity bound, the float64 runs check exactness
-    assert difference < 3e-2, difference
+    # fp16 compute, a sanity bound (the float64 runs check exactness): TVLARS measured 6e-3 after
+    # 2 steps; LAMB 6.8e-2: Adam's first steps move every element by about lr whatever the size
+    # of its gradient, so a gradient that fp16 rounds to 0 costs a whole step
+    assert difference < (3e-2 if chosen_optimizer() == "tvlars" else 0.15), difference
 
     before = full_weights(opt)
     backward(3)
@@ -460,7 +454,8 @@ def _fp16_sharded_scaler(mesh: DeviceMesh, rank: int) -> dict[str, Any]:
     }
 
 
-def mesh_2d_worker(rank: int, world: int, port: int, out: str) -> None:
+def mesh_2d_worker(rank: int, world: int, port: int, out: str, optimizer: str) -> None:
+    use_optimizer(optimizer)
     init(rank, world, port)
     _write(out, _mesh_2d(rank))
     finish(dtensor=True)  # the models of the run above are released

@@ -16,12 +16,12 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
 SCRIPT = Path(__file__).parent.parent / "scripts" / "lightning_sharded.py"
 
 
-def _run(kind: str, tmp_path: Path) -> dict:
-    out = tmp_path / f"{kind}.pt"
+def _run(kind: str, tmp_path: Path, optimizer: str = "lars") -> dict:
+    out = tmp_path / f"{kind}-{optimizer}.pt"
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
     env["OMP_NUM_THREADS"] = "1"
     run = subprocess.run(
-        [sys.executable, str(SCRIPT), kind, str(out)],
+        [sys.executable, str(SCRIPT), kind, str(out), optimizer],
         env=env,
         capture_output=True,
         text=True,
@@ -37,9 +37,19 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return _run("single", tmp_path_factory.mktemp("single"))
 
 
-@pytest.mark.parametrize("kind", ["fsdp2", "fsdp1"])
-def test_sharded_strategy_matches_single_process(kind: str, single: dict, tmp_path: Path) -> None:
-    sharded = _run(kind, tmp_path)
+@pytest.fixture(scope="module")
+def single_lamb(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _run("single", tmp_path_factory.mktemp("single"), "lamb")
+
+
+@pytest.mark.parametrize(
+    ("kind", "optimizer"), [("fsdp2", "lars"), ("fsdp1", "lars"), ("fsdp1", "lamb")]
+)
+def test_sharded_strategy_matches_single_process(
+    kind: str, optimizer: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    single = request.getfixturevalue("single" if optimizer == "lars" else "single_lamb")
+    sharded = _run(kind, tmp_path, optimizer)
     assert sharded["batch"] == single["batch"] == 16  # 2 replicas x 8 == 1 x 16
     assert sharded["names"] == single["names"]  # groups keep the user's names under FSDP
     # float64 runs (see equivalence_trainer): only the summation order differs.

@@ -1,6 +1,6 @@
 """Train TinyRegressor under a Lightning strategy on CPU and save the full weights (rank 0).
 
-Usage: python lightning_sharded.py {single,fsdp2,fsdp1,fsdp2-local-norms} OUT.pt
+Usage: python lightning_sharded.py {single,fsdp2,fsdp1,fsdp2-local-norms} OUT.pt [lars|lamb]
 
 ``fsdp2-local-norms`` is the negative control: FSDP2 with the norm reduction switched off, so
 that each rank uses the norms of its local shards.
@@ -10,6 +10,7 @@ Run as a script because Lightning's FSDP/ModelParallel launchers re-execute the 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dist_workers import exit_without_shutdown
 from lightning_helpers import EQUIVALENCE_CONFIG, TinyRegressor, equivalence_trainer
 
-from lightning_tvlars import TVLARS
+from lightning_tvlars import LAMB, TVLARS
 from lightning_tvlars.distributed import end_process_group
 from lightning_tvlars.optim.groups import clean_name
 
@@ -79,7 +80,16 @@ def cpu_fsdp1_strategy() -> pl.strategies.Strategy:
     )
 
 
-def main(kind: str, out: str) -> None:
+#: The configurations trained: the equivalence test's TVLARS, and LAMB with its global clip.
+CONFIGS = {
+    "lars": EQUIVALENCE_CONFIG,
+    "lamb": replace(
+        EQUIVALENCE_CONFIG, optimizer="lamb", lr=0.05, weight_decay=1e-3, max_grad_norm=0.5
+    ),
+}
+
+
+def main(kind: str, out: str, optimizer: str = "lars") -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     devices, per_device = (1, 16) if kind == "single" else (2, 8)
@@ -98,15 +108,16 @@ def main(kind: str, out: str) -> None:
     elif kind == "fsdp1":
         strategy = cpu_fsdp1_strategy()
     model = ShardedRegressor(
-        tvlars=EQUIVALENCE_CONFIG,
+        tvlars=CONFIGS[optimizer],
         batch_size=per_device,
         deterministic_sampler=True,
         double=True,
     )
     trainer = equivalence_trainer(devices, strategy)
     trainer.fit(model)
+    family = optimizer
     optimizer = trainer.optimizers[0]
-    assert isinstance(optimizer, TVLARS) and optimizer.step_count == 6
+    assert type(optimizer) is {"lars": TVLARS, "lamb": LAMB}[family] and optimizer.step_count == 6
     if kind == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -126,7 +137,7 @@ def main(kind: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])
     # Every rank is done: leave the process group together (docs/faq.md). Under FSDP2
     # (ModelParallelStrategy) the group outlives its destruction (DTensor's caches keep it), and
     # its gloo threads can abort the interpreter's shutdown: leave without that shutdown.
