@@ -194,6 +194,35 @@ def test_monitor_logs_phase_lr_batch_and_per_layer_metrics(tmp_path: Path) -> No
     assert not any("net.3" in k for k in header)  # filtered out
 
 
+def test_monitor_logs_lamb_with_a_phase_and_its_trust_ratios(tmp_path: Path) -> None:
+    """Time-varying LAMB through the monitor: phi, the applied learning rate, and LAMB's trust
+    ratio ``||w|| / ||u||`` for each adapted layer, from a checkpoint-safe config."""
+    logger = CSVLogger(tmp_path)
+    config = TVLARSConfig(optimizer="lamb", lr=0.01, max_grad_norm=1.0, trust_clip=True)
+    model = TinyRegressor(tvlars=config, batch_size=32)
+    trainer = _trainer(
+        tmp_path,
+        max_epochs=2,
+        logger=logger,
+        log_every_n_steps=4,
+        enable_checkpointing=True,
+        callbacks=[TVLARSMonitor()],
+    )
+    trainer.fit(model)
+    rows = [r for r in _metrics(logger.log_dir) if r.get("tvlars/phase")]
+    assert type(trainer.optimizers[0]).__name__ == "LAMB" and len(rows) == 4
+    phase = model.tvlars_plan.phase
+    for row in rows:
+        assert float(row["tvlars/phase"]) == pytest.approx(phase(int(row["step"])))
+        assert float(row["tvlars/lr"]) == pytest.approx(0.01 * 32 / 256)
+        assert 0 < float(row["tvlars/trust_ratio/net.0.weight"]) <= 1.0  # trust_clip
+        assert "tvlars/trust_ratio/net.0.bias" not in row
+    ckpt = next(Path(tmp_path).rglob("*.ckpt"))
+    saved = torch.load(ckpt, weights_only=True)  # LAMB's state and the config load safely
+    assert saved["hyper_parameters"]["tvlars"].optimizer == "lamb"
+    assert {"exp_avg", "exp_avg_sq", "step"} <= set(saved["optimizer_states"][0]["state"][0])
+
+
 def test_monitor_trust_ratio_equals_optimizer_rule(tmp_path: Path) -> None:
     """The logged r is eta ||w|| / ||g + beta w|| recomputed from the logged norms (beta = 0)."""
     logger = CSVLogger(tmp_path)
