@@ -153,7 +153,13 @@ def test_cli_fit_trains_with_tvlars_and_the_monitor(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["tvlars_mnist1d.yaml", "lars_cosine_mnist1d.yaml", "barlow_twins_mnist1d.yaml"]
+    "name",
+    [
+        "tvlars_mnist1d.yaml",
+        "lars_cosine_mnist1d.yaml",
+        "lamb_warmup_cosine_mnist1d.yaml",
+        "barlow_twins_mnist1d.yaml",
+    ],
 )
 def test_example_configs_parse(name: str, capsys: pytest.CaptureFixture[str]) -> None:
     path = Path(__file__).parents[2] / "configs" / name
