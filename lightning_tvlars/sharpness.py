@@ -14,11 +14,15 @@ Three measures, all on a loss that a closure computes on a fixed batch:
 :func:`measure_sharpness` runs any subset of the three with one shared gradient graph and returns
 a :class:`SharpnessReport`. Every function leaves the model as it found it: ``p.grad`` of every
 parameter is restored (``None`` stays ``None``), weights are restored bit for bit after a
-perturbation, and a module passed as ``params`` or ``model`` is put in eval mode (BatchNorm uses
-its running statistics and does not update them, Dropout is off) with each submodule's training
-flag restored afterwards. Random draws come from a ``torch.Generator`` (``None`` means a fresh
-CPU generator seeded with 0), never from the global random state, so a probe neither depends on
-nor changes the random stream of training. Only torch is imported.
+perturbation, and a module passed as ``params`` or ``model`` is put in eval mode (Dropout is
+off) with each submodule's training flag restored afterwards. BatchNorm layers normalize with
+the statistics of the probe batch, as in training (``batch_norm="batch"``, the default), and
+their running statistics are restored afterwards; ``batch_norm="running"`` uses the running
+statistics instead, as at evaluation. Early in a large-batch run the running statistics lag
+the weights so far that the eval-mode loss can be worse than chance: a Hessian taken there says
+nothing about the landscape training moves on. Random draws come from a ``torch.Generator``
+(``None`` means a fresh CPU generator seeded with 0), never from the global random state, so a
+probe neither depends on nor changes the random stream of training. Only torch is imported.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -51,6 +56,9 @@ __all__ = [
 MEASURES: tuple[str, ...] = ("top_eigenvalue", "trace", "filter_normalized")
 
 Normalization = Literal["filter", "layer", "none"]
+#: Which statistics BatchNorm layers normalize with during a probe (see the module docstring).
+BatchNormStatistics = Literal["batch", "running"]
+_BATCH_NORM_STATISTICS: tuple[str, ...] = ("batch", "running")
 _NORMALIZATIONS: tuple[str, ...] = ("filter", "layer", "none")
 
 #: Largest accepted seed: ``seed * len(MEASURES) + k`` seeds the generator of measure ``k``.
@@ -131,17 +139,39 @@ class SharpnessReport:
 
 
 @contextlib.contextmanager
-def evaluation_mode(module: nn.Module) -> Iterator[nn.Module]:
+def evaluation_mode(
+    module: nn.Module, batch_norm: BatchNormStatistics = "batch"
+) -> Iterator[nn.Module]:
     """Put every submodule in eval mode; restore each one's own training flag on exit.
 
-    BatchNorm then normalizes with its running statistics and does not update them, Dropout is
-    the identity: the loss is a deterministic function of the weights, which a Hessian needs.
+    Dropout is the identity: the loss is a deterministic function of the weights, which a
+    Hessian needs. BatchNorm layers (``SyncBatchNorm`` too, on this rank's batch alone) normalize
+    with the batch's statistics with ``batch_norm="batch"`` (their running statistics are put
+    back as they were), with their running statistics with ``"running"``.
     """
+    if batch_norm not in _BATCH_NORM_STATISTICS:
+        raise ValueError(
+            f"batch_norm={batch_norm!r} is invalid: expected one of "
+            + ", ".join(repr(b) for b in _BATCH_NORM_STATISTICS)
+        )
     flags = [(m, m.training) for m in module.modules()]
     module.eval()
+    saved: list[tuple[nn.Module, list[Tensor]]] = []
+    if batch_norm == "batch":
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+                saved.append((m, [b.detach().clone() for b in m.buffers(recurse=False)]))
+                if isinstance(m, nn.SyncBatchNorm):  # no collective: one rank probes alone
+                    m.forward = types.MethodType(nn.modules.batchnorm._BatchNorm.forward, m)  # type: ignore[method-assign]
     try:
         yield module
     finally:
+        with torch.no_grad():
+            for m, buffers in saved:
+                for live, kept in zip(m.buffers(recurse=False), buffers, strict=True):
+                    live.copy_(kept)
+                m.__dict__.pop("forward", None)
         for m, training in flags:
             m.training = training
 
@@ -192,12 +222,14 @@ def _trainable(params: nn.Module | Iterable[Tensor], name: str) -> list[Tensor]:
 
 
 @contextlib.contextmanager
-def _probing(params: nn.Module | Iterable[Tensor], name: str) -> Iterator[list[Tensor]]:
-    """Trainable parameters, with grads preserved and (for a module) eval mode."""
+def _probing(
+    params: nn.Module | Iterable[Tensor], name: str, batch_norm: BatchNormStatistics
+) -> Iterator[list[Tensor]]:
+    """Trainable parameters, with grads preserved and (for a module) :func:`evaluation_mode`."""
     tensors = _trainable(params, name)
     with contextlib.ExitStack() as stack:
         if isinstance(params, nn.Module):
-            stack.enter_context(evaluation_mode(params))
+            stack.enter_context(evaluation_mode(params, batch_norm))
         stack.enter_context(preserved_grads(tensors))
         yield tensors
 
@@ -328,6 +360,8 @@ def hessian_top_eigenvalue(
     iterations: int = 20,
     tol: float = 1e-3,
     generator: torch.Generator | None = None,
+    *,
+    batch_norm: BatchNormStatistics = "batch",
 ) -> float:
     """The dominant eigenvalue of the Hessian of ``loss_fn()`` w.r.t. ``params``.
 
@@ -356,7 +390,7 @@ def hessian_top_eigenvalue(
     check_positive_int("iterations", iterations)
     check_positive("tol", tol)
     gen = _generator(generator)
-    with _probing(params, "params") as tensors:
+    with _probing(params, "params", batch_norm) as tensors:
         return _power_iteration(_Hessian(loss_fn, tensors), iterations, tol, gen)
 
 
@@ -365,6 +399,8 @@ def hessian_trace(
     params: nn.Module | Iterable[Tensor],
     samples: int = 10,
     generator: torch.Generator | None = None,
+    *,
+    batch_norm: BatchNormStatistics = "batch",
 ) -> float:
     """Hutchinson's estimate of the trace of the Hessian of ``loss_fn()`` w.r.t. ``params``.
 
@@ -386,7 +422,7 @@ def hessian_trace(
     """
     check_positive_int("samples", samples)
     gen = _generator(generator)
-    with _probing(params, "params") as tensors:
+    with _probing(params, "params", batch_norm) as tensors:
         return _hutchinson(_Hessian(loss_fn, tensors), samples, gen)[0]
 
 
@@ -449,6 +485,8 @@ def filter_normalized_sharpness(
     directions: int = 5,
     norm: Normalization = "filter",
     generator: torch.Generator | None = None,
+    *,
+    batch_norm: BatchNormStatistics = "batch",
 ) -> DirectionalSharpness:
     """Loss increase along random filter-normalized directions (Li et al. 2018).
 
@@ -491,7 +529,7 @@ def filter_normalized_sharpness(
             + ", ".join(repr(n) for n in _NORMALIZATIONS)
         )
     gen = _generator(generator)
-    with _probing(model, "model") as weights:
+    with _probing(model, "model", batch_norm) as weights:
         return _directional(loss_fn, weights, radius, directions, norm, gen)
 
 
@@ -526,10 +564,12 @@ def measure_sharpness(
     seed: int = 0,
     step: int | None = None,
     num_samples: int | None = None,
+    batch_norm: BatchNormStatistics = "batch",
 ) -> SharpnessReport:
     """Measure the requested sharpness measures of ``loss_fn()`` at the weights of ``model``.
 
-    The model is in eval mode for the whole call, ``p.grad`` is preserved and weights are
+    The model is in :func:`evaluation_mode` for the whole call (BatchNorm on the batch's
+    statistics by default), ``p.grad`` is preserved and weights are
     restored bit for bit (see the module docstring). The eigenvalue and the trace share one
     gradient graph. Measure ``k`` of :data:`MEASURES` draws from a CPU generator seeded with
     ``seed * 3 + k``: the same seed gives the same random vectors at every call, so probes at
@@ -552,6 +592,8 @@ def measure_sharpness(
         seed: seeds the random vectors.
         step: recorded in the report.
         num_samples: recorded in the report (the size of the batch ``loss_fn`` uses).
+        batch_norm: the statistics BatchNorm layers use: the batch's (``batch``, as in
+            training) or their running ones (``running``); see :func:`evaluation_mode`.
 
     Returns:
         A :class:`SharpnessReport`.
@@ -572,7 +614,7 @@ def measure_sharpness(
     start = time.perf_counter()
     eigenvalue = trace = trace_stderr = directional = directional_max = loss = None
     products = forwards = 0
-    with _probing(model, "model") as params:
+    with _probing(model, "model", batch_norm) as params:
         if "top_eigenvalue" in wanted or "trace" in wanted:
             hessian = _Hessian(loss_fn, params)
             forwards += 1

@@ -31,10 +31,11 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_tvlars._validation import check_positive, check_positive_int
+from lightning_tvlars._validation import check_choice, check_positive, check_positive_int
 from lightning_tvlars.recipe import deepspeed_zero_stage
 from lightning_tvlars.sharpness import (
     MEASURES,
+    BatchNormStatistics,
     SharpnessReport,
     _check_measures,
     _check_seed,
@@ -186,6 +187,9 @@ class SharpnessProbe(pl.Callback):
         directions: random directions, each probed at ``+radius`` and ``-radius``.
         radius: step along a direction, as a fraction of each filter's norm.
         seed: seeds the batch selection and all random vectors (the same at every probe).
+        batch_norm: the statistics BatchNorm layers use during a probe: the probe batch's
+            (``batch``, as in training; their running statistics are left as they were) or the
+            running ones (``running``, as at evaluation).
 
     Attributes:
         history: one :class:`~lightning_tvlars.sharpness.SharpnessReport` per probe (rank 0).
@@ -207,6 +211,7 @@ class SharpnessProbe(pl.Callback):
         directions: int = 5,
         radius: float = 0.05,
         seed: int = 0,
+        batch_norm: BatchNormStatistics = "batch",
     ) -> None:
         super().__init__()
         if every_n_steps is not None:
@@ -235,6 +240,9 @@ class SharpnessProbe(pl.Callback):
         self.directions = check_positive_int("directions", directions)
         self.radius = check_positive("radius", radius)
         self.seed = _check_seed(seed)
+        self.batch_norm: BatchNormStatistics = check_choice(  # type: ignore[assignment]
+            "batch_norm", batch_norm, ("batch", "running")
+        )
         self.every_n_steps = every_n_steps
         self.at_steps = frozenset(at_steps)
         self.at_end = at_end
@@ -378,6 +386,7 @@ class SharpnessProbe(pl.Callback):
                 seed=self.seed,
                 step=step,
                 num_samples=_num_samples(batch),
+                batch_norm=self.batch_norm,
             )
         self.history.append(report)
         metrics = report.metrics()

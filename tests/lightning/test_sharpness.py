@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 from lightning_tvlars.lightning.sharpness import SharpnessProbe
 from lightning_tvlars.sharpness import (
     SharpnessReport,
+    evaluation_mode,
     filter_normalized_sharpness,
     hessian_top_eigenvalue,
     hessian_trace,
@@ -205,6 +206,65 @@ def test_measurement_leaves_grads_weights_statistics_and_modes_as_they_were() ->
     for key, value in model.state_dict().items():  # weights and BN running statistics
         assert torch.equal(value, state[key]), key
     assert [m.training for m in model.modules()] == modes
+
+
+def _stale_statistics_net() -> nn.Sequential:
+    """A BatchNorm net whose running statistics are far from the data's (as after a big step)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        net[1].running_mean.fill_(50.0)
+        net[1].running_var.fill_(1e-4)
+    return net
+
+
+def test_batch_statistics_measure_the_training_loss_running_statistics_the_stale_one() -> None:
+    """The probe's default normalizes as training does; "running" sees the stale statistics."""
+    net = _stale_statistics_net()
+    x = torch.randn(64, 8)
+    y = net.train()(x).argmax(dim=1)  # labels the train-mode net fits: low loss in train mode
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        train_loss = F.cross_entropy(net.train()(x), y).item()
+        net.load_state_dict(state)  # the train-mode forward moved the running statistics
+        net.eval()
+
+    batch = measure_sharpness(lambda: F.cross_entropy(net(x), y), net, measures=["trace"])
+    running = measure_sharpness(
+        lambda: F.cross_entropy(net(x), y), net, measures=["trace"], batch_norm="running"
+    )
+
+    assert batch.loss == pytest.approx(train_loss, rel=1e-6)
+    assert train_loss < math.log(3) < running.loss  # stale statistics: worse than chance
+    assert not net.training and not net[1].training  # modes restored
+    for key, value in net.state_dict().items():  # running statistics untouched by either
+        assert torch.equal(value, state[key]), key
+
+
+def test_sync_batch_norm_probes_this_rank_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a multi-process job, SyncBatchNorm would all-gather; the probe (one rank) must not."""
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    sync[1].load_state_dict(net[1].state_dict())
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(ValueError, match="expected input tensor"):  # its own multi-process path
+        sync.train()(x)
+    sync.eval()
+
+    report = measure_sharpness(lambda: F.cross_entropy(sync(x), y), sync, measures=["trace"])
+    expected = measure_sharpness(lambda: F.cross_entropy(net(x), y), net, measures=["trace"])
+
+    assert report.loss == pytest.approx(expected.loss, rel=1e-6)
+    assert report.trace == pytest.approx(expected.trace, rel=1e-5)
+    assert "forward" not in vars(sync[1])  # the class's own forward is back
+
+
+def test_batch_norm_statistics_are_checked() -> None:
+    net = _stale_statistics_net()
+    with pytest.raises(ValueError, match=r"batch_norm='train' is invalid.*'batch', 'running'"):
+        measure_sharpness(lambda: net(torch.randn(4, 8)).sum(), net, batch_norm="train")  # type: ignore[arg-type]
 
 
 def test_weights_are_restored_when_the_loss_fails_mid_probe() -> None:
@@ -399,8 +459,9 @@ def test_probe_at_chosen_steps_with_a_given_batch_and_loss_fn(tmp_path: Path) ->
     assert sorted(_probe_rows(rows)) == [0, 3]
     assert set(_probe_rows(rows)[3]) == {"trace", "trace_stderr", "loss"}
     assert set(seen) == {20}
-    with torch.no_grad():  # the module at step 0, in eval mode
-        reference = F.cross_entropy(_bn_net().eval()(x), y).item()
+    net = _bn_net()
+    with torch.no_grad(), evaluation_mode(net):  # the module at step 0: dropout off, BN on x
+        reference = F.cross_entropy(net(x), y).item()
     assert probe.history[0].loss == pytest.approx(reference, rel=1e-6)
 
 
@@ -543,6 +604,7 @@ def test_sharded_strategies_are_refused() -> None:
         ({"directions": 0}, ValueError, "directions=0 is invalid"),
         ({"radius": math.inf}, ValueError, "radius=inf is invalid"),
         ({"seed": 2**40}, ValueError, "seed=1099511627776 is invalid"),
+        ({"batch_norm": "eval"}, ValueError, "batch_norm='eval' is invalid"),
     ],
 )
 def test_probe_rejects_bad_arguments(
