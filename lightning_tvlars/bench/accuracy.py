@@ -1,23 +1,27 @@
-"""Accuracy benchmark: TVLARS without warm-up against LARS and LAMB with warm-up, on MNIST-1D.
+"""Accuracy benchmark: TVLARS, LARS and LAMB, with a phase or a warm-up, on MNIST-1D.
 
 ``lightning-tvlars bench`` (or ``python -m lightning_tvlars.bench``) runs the protocol of
 :mod:`lightning_tvlars.bench.protocol` for a preset, appending one CSV row per finished run,
 then writes the report (:mod:`lightning_tvlars.bench.report`)::
 
     lightning-tvlars bench --preset cpu --jobs 2              # docs/benchmarks/accuracy.*
-    lightning-tvlars bench --preset gpu --max-minutes 5       # docs/benchmarks/accuracy_gpu.*
+    lightning-tvlars bench --preset gpu --max-minutes 7       # one chunk of the GPU preset
     lightning-tvlars bench --preset gpu --prepare-data        # generate its data set, then exit
     lightning-tvlars bench --quick                            # the pipeline on a tiny size (CI)
 
-The arms, on the same parameter groups (biases and normalization parameters neither adapted
-nor decayed), weight decay 5e-4, trust coefficient 1e-3:
+The arms are the product's recipe (:class:`~lightning_tvlars.TVLARSConfig`), on the same
+parameter groups (biases and normalization parameters neither adapted nor decayed), weight
+decay 5e-4, trust coefficient 1e-3 (LARS):
 
-* ``tvlars``: TVLARS, no warm-up, constant learning rate (the paper's form);
-* ``tvlars-cosine``: TVLARS, no warm-up, cosine annealing of the learning rate;
-* ``lars-warmup``: LARS (TVLARS with the phase off), linear warm-up, then constant;
-* ``lars-warmup-cosine``: the same with cosine annealing after the warm-up (the paper's
-  baseline);
-* ``lamb-warmup-cosine``: timm's LAMB, warm-up then cosine, square-root LR scaling.
+* ``tvlars``: the phase from step 0, no warm-up, constant learning rate (the paper's form);
+* ``tvlars-cosine``: the same with cosine annealing;
+* ``lars``: LARS without warm-up, constant learning rate (the paper's own baseline);
+* ``lars-warmup``: LARS, linear warm-up, then constant;
+* ``lars-warmup-phase``: a warm-up, and the phase chosen for ``tvlars`` (the decay without the
+  paper's start);
+* ``lars-warmup-cosine``: warm-up then cosine (the usual large-batch LARS recipe);
+* ``lamb-warmup-cosine``: the package's LAMB, warm-up then cosine, square-root LR scaling;
+* ``tvlamb``: LAMB with the phase, no warm-up, constant learning rate.
 """
 
 from __future__ import annotations
@@ -76,10 +80,10 @@ def plot_curves(preset: Preset, rows: Sequence[dict[str, Any]], out: Path, devic
     from lightning_tvlars.bench.train import run
     from lightning_tvlars.optim.base import LayerwiseOptimizer
 
-    batch_size = max(preset.batch_sizes)
     task = "classification"
     if task not in preset.tasks or not set(CURVE_ARMS) <= set(preset.arms[task]):
         return False
+    batch_size = max(preset.batch_sizes[task])
     curves: dict[str, list[tuple[int, float, float, float]]] = {}
     for name in CURVE_ARMS:
         state = cell_state(preset, task, batch_size, ARMS[name], rows)
@@ -152,8 +156,10 @@ def _parser() -> argparse.ArgumentParser:
         "--preset",
         choices=sorted(PRESETS),
         default="cpu",
-        help="cpu: classification at batch 1024 and 4096, 2 workers, about 2-2.5 h on 2 cores; "
-        "gpu: batch 4096-16384 and Barlow Twins on one GPU, 12 workers (default: cpu)",
+        help="cpu: classification (8 arms) and Barlow Twins (5 arms) at batch 4096 and 1024, "
+        "2 workers, about 5 h on 2 cores; gpu: Barlow Twins, the deeper ResNet and "
+        "classification at batch 4096-16384 on one GPU, 12 workers, in chunks of "
+        "--max-minutes (default: cpu)",
     )
     parser.add_argument(
         "--quick",
@@ -173,6 +179,14 @@ def _parser() -> argparse.ArgumentParser:
         choices=TASKS,
         default=None,
         help="run and report only these of the preset's tasks (default: all of them)",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        nargs="+",
+        type=int_argument(1),
+        default=None,
+        metavar="B",
+        help="run and report only these of the preset's batch sizes (default: all of them)",
     )
     parser.add_argument(
         "--device",
@@ -229,6 +243,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         if unknown:
             raise SystemExit(f"--tasks {' '.join(sorted(unknown))}: not in preset {preset.name!r}")
         preset = replace(preset, tasks=tuple(t for t in preset.tasks if t in args.tasks))
+    if args.batch_sizes:
+        sizes = {b for t in preset.tasks for b in preset.batch_sizes[t]}
+        unknown_sizes = set(args.batch_sizes) - sizes
+        if unknown_sizes:
+            raise SystemExit(
+                f"--batch-sizes {' '.join(map(str, sorted(unknown_sizes)))}: not in preset "
+                f"{preset.name!r} (its batch sizes: {' '.join(map(str, sorted(sizes)))})"
+            )
+        chosen = {
+            t: tuple(b for b in preset.batch_sizes[t] if b in args.batch_sizes)
+            for t in preset.tasks
+        }
+        preset = replace(
+            preset,
+            tasks=tuple(t for t in preset.tasks if chosen[t]),
+            batch_sizes={t: b for t, b in chosen.items() if b},
+        )
     if args.prepare_data:
         path = prepare_data(preset)
         print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB)")

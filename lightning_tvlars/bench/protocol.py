@@ -1,13 +1,16 @@
 """The accuracy benchmark's protocol: arms, their tuning axes, presets and the run planner.
 
-Every *cell* (task x batch size x arm) is tuned the same way, on its own tuning seed:
+Every *cell* (task x batch size x arm) is tuned the same way, on the mean validation accuracy
+of the same tuning seeds (:attr:`Preset.tune_seeds`):
 
 1. **learning rate**: a log-spaced grid of ``2 * lr_steps + 1`` points, a quarter decade apart
-   (x1.78), around the arm's centre, at the arm's default start setting; while the best
-   validation accuracy lands on an edge, one more point past that edge (at most
-   ``max_extensions`` times);
-2. **start setting** at that learning rate: the other values of the arm's second axis (the
-   phase for TVLARS, the warm-up length for LARS and LAMB), the same number for every arm;
+   (x1.78), around the arm's centre, at the arm's default setting; while the best point is at
+   an edge, or an edge scores within the validation noise of the best (one standard error of
+   the difference, see :func:`within_noise`), one more point past that edge (at most
+   ``max_extensions`` times per side);
+2. **second axis** at that learning rate: the other values of the arm's axis (the phase for
+   phase arms, the warm-up length for warm-up arms, the trust coefficient for plain LARS), the
+   same number for every arm;
 3. **evaluation**: ``eval_seeds`` fresh seeds at the chosen (learning rate, setting).
 
 Selection always uses validation accuracy; test accuracy is only reported. :func:`plan`
@@ -18,142 +21,185 @@ resumes where it stopped and parallel workers can take any run it returns.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-TASKS = ("classification", "barlow_twins")
+TASKS = ("classification", "barlow_twins", "deep_classification")
 Role = Literal["tune", "eval"]
+Start = Literal["phase", "warmup", "none", "warmup-phase"]
 
-#: The second axis of TVLARS arms: where the phase is halfway (fraction of the run), or the
-#: authors' form. ``half=1`` is halfway at the end of the run (phi ends near 0.5).
-PHASES = ("half=0.1", "half=0.3", "half=1", "authors")
-#: The second axis of warm-up arms: linear warm-up over this fraction of the run.
-WARMUPS = ("warmup=0.05", "warmup=0.1", "warmup=0.2", "warmup=0.4")
+#: The axis of phase arms: where the phase is halfway (fraction of the run), or the authors'
+#: form with their norm clamp at 10. ``half=1`` is halfway at the end (phi ends near 0.5).
+PHASES = ("half=0.3", "authors", "half=1", "half=0.1")
+#: The axis of warm-up arms: a linear warm-up over this fraction of the run.
+WARMUPS = ("warmup=0.2", "warmup=0.1", "warmup=0.4", "warmup=0.05")
+#: The axis of plain LARS (no warm-up, no phase, nothing else to tune): the trust coefficient.
+TRUST = ("trust=0.001", "trust=0.002", "trust=0.0005", "trust=0.004")
+
+#: Quarter decades of the base rate at batch 256 at the centre of each grid, per family.
+LARS_CENTER = {"classification": 0, "barlow_twins": -1, "deep_classification": 0}
+LAMB_CENTER = {"classification": -8, "barlow_twins": -9, "deep_classification": -8}
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One optimizer configuration under test.
+    """One optimizer configuration under test, a :class:`~lightning_tvlars.TVLARSConfig`.
 
     Attributes:
         name: the arm's name in tables and the CSV.
-        optimizer: ``lars`` or ``lamb``, the package's (a
-            :class:`~lightning_tvlars.TVLARSConfig`), or ``lightly-lars``, lightly's ``LARS`` as
-            an external reference on the same groups and schedule.
-        start: ``phase`` (tuned over :data:`PHASES`, no warm-up) or ``warmup`` (tuned over
-            :data:`WARMUPS`, no phase).
+        optimizer: ``lars`` or ``lamb``, the package's, or ``lightly-lars``, lightly's ``LARS``
+            as an external reference on the same groups and schedule.
+        start: ``phase`` (no warm-up, the phase from step 0), ``warmup`` (linear warm-up, no
+            phase), ``none`` (neither) or ``warmup-phase`` (a warm-up, and the phase chosen for
+            ``phase_from`` in the same task and batch size).
         annealing: ``constant`` or ``cosine`` (after the warm-up, if any).
         lr_center: centre of the learning-rate grid (base rate at batch 256), per task, as
             quarter decades: ``q`` is the rate ``10 ** (q / 4)`` (0: 1.0, -8: 0.01).
         lr_scaling: how the base rate scales with the batch (``linear`` or ``sqrt``).
-        axis: the second tuning axis (start settings).
-        default: the start setting of the learning-rate search.
-        paired: for TVLARS arms, the warm-up arm whose warm-up end is the early sharpness
-            probe (the same step for both).
+        axis: the second tuning axis, its first value the default of the learning-rate search.
+        paired: the warm-up arm whose warm-up end is this arm's early sharpness probe (the
+            same step for both), for arms without a warm-up of their own.
+        phase_from: the phase arm whose chosen phase a ``warmup-phase`` arm takes.
     """
 
     name: str
     optimizer: str
-    start: str
+    start: Start
     annealing: str
     lr_center: Mapping[str, int]
     lr_scaling: str
     axis: tuple[str, ...]
-    default: str
     paired: str | None = None
+    phase_from: str | None = None
+
+    @property
+    def default(self) -> str:
+        return self.axis[0]
 
 
 ARMS: dict[str, Arm] = {
     arm.name: arm
     for arm in (
-        Arm(
-            "tvlars",
-            "lars",
-            "phase",
-            "constant",
-            {"classification": 0, "barlow_twins": -1},
-            "linear",
-            PHASES,
-            "half=0.3",
-            paired="lars-warmup",
-        ),
+        Arm("tvlars", "lars", "phase", "constant", LARS_CENTER, "linear", PHASES, "lars-warmup"),
         Arm(
             "tvlars-cosine",
             "lars",
             "phase",
             "cosine",
-            {"classification": 0, "barlow_twins": -1},
+            LARS_CENTER,
             "linear",
             PHASES,
-            "half=0.3",
-            paired="lars-warmup-cosine",
-        ),
-        Arm(
-            "lars-warmup",
-            "lars",
-            "warmup",
-            "constant",
-            {"classification": 0, "barlow_twins": -1},
-            "linear",
-            WARMUPS,
-            "warmup=0.2",
-        ),
-        Arm(
             "lars-warmup-cosine",
+        ),
+        Arm("lars", "lars", "none", "constant", LARS_CENTER, "linear", TRUST, "lars-warmup"),
+        Arm("lars-warmup", "lars", "warmup", "constant", LARS_CENTER, "linear", WARMUPS),
+        Arm("lars-warmup-cosine", "lars", "warmup", "cosine", LARS_CENTER, "linear", WARMUPS),
+        Arm(
+            "lars-warmup-phase",
             "lars",
-            "warmup",
-            "cosine",
-            {"classification": 0, "barlow_twins": -1},
+            "warmup-phase",
+            "constant",
+            LARS_CENTER,
             "linear",
             WARMUPS,
-            "warmup=0.2",
+            phase_from="tvlars",
         ),
+        Arm("lamb-warmup-cosine", "lamb", "warmup", "cosine", LAMB_CENTER, "sqrt", WARMUPS),
         Arm(
-            "lamb-warmup-cosine",
-            "lamb",
-            "warmup",
-            "cosine",
-            {"classification": -8, "barlow_twins": -9},
-            "sqrt",
-            WARMUPS,
-            "warmup=0.2",
+            "tvlamb", "lamb", "phase", "constant", LAMB_CENTER, "sqrt", PHASES, "lamb-warmup-cosine"
         ),
         Arm(
             "lightly-lars-warmup-cosine",
             "lightly-lars",
             "warmup",
             "cosine",
-            {"classification": 0, "barlow_twins": -1},
+            LARS_CENTER,
             "linear",
             WARMUPS,
-            "warmup=0.2",
         ),
     )
 }
 
-#: The comparisons of the report, ``(a, b, what a - b measures)``; Holm's correction runs over
-#: every one that has data, across tasks and batch sizes.
-COMPARISONS: tuple[tuple[str, str, str], ...] = (
-    ("tvlars", "lars-warmup", "phase instead of warm-up (constant LR)"),
-    ("tvlars-cosine", "lars-warmup-cosine", "phase instead of warm-up (cosine LR)"),
-    ("tvlars", "lars-warmup-cosine", "TVLARS as published vs the paper's LARS baseline"),
-    ("tvlars", "lamb-warmup-cosine", "TVLARS as published vs the paper's LAMB baseline"),
-    ("tvlars-cosine", "lamb-warmup-cosine", "TVLARS + cosine vs LAMB"),
-    ("tvlars-cosine", "tvlars", "cosine annealing, with the phase"),
-    ("lars-warmup-cosine", "lars-warmup", "cosine annealing, with warm-up"),
+
+@dataclass(frozen=True)
+class Comparison:
+    """``a - b`` and what the difference isolates (what the two arms do differently)."""
+
+    a: str
+    b: str
+    isolates: str
+
+
+#: The comparisons of the report; Holm's correction runs over every one that has data, across
+#: tasks and batch sizes.
+COMPARISONS: tuple[Comparison, ...] = (
+    Comparison("tvlars", "lars", "the phase, without warm-up (the paper's claim; constant LR)"),
+    Comparison("lars-warmup", "lars", "the warm-up (constant LR, no phase)"),
+    Comparison(
+        "tvlars",
+        "lars-warmup-phase",
+        "the start alone: full LR from step 0 vs a warm-up, the same phase after",
+    ),
+    Comparison(
+        "lars-warmup-phase", "lars-warmup", "the phase's decay alone, after a warm-up (constant LR)"
+    ),
+    Comparison(
+        "tvlars",
+        "lars-warmup",
+        "phase (start and decay) vs warm-up (start only), constant LR",
+    ),
+    Comparison(
+        "tvlars-cosine",
+        "lars-warmup-cosine",
+        "phase vs warm-up under cosine annealing (start and the phase's decay)",
+    ),
+    Comparison("tvlars-cosine", "tvlars", "cosine annealing, with the phase"),
+    Comparison("lars-warmup-cosine", "lars-warmup", "cosine annealing, after a warm-up"),
+    Comparison(
+        "tvlars",
+        "lars-warmup-cosine",
+        "TVLARS as published vs the paper's LARS baseline (start, decay and annealing differ)",
+    ),
+    Comparison(
+        "tvlars",
+        "lamb-warmup-cosine",
+        "TVLARS as published vs the LAMB baseline (optimizer, start, decay and annealing)",
+    ),
+    Comparison(
+        "tvlamb",
+        "lamb-warmup-cosine",
+        "the phase for LAMB vs warm-up + cosine (start, decay and annealing)",
+    ),
+    Comparison("tvlamb", "tvlars", "LAMB vs LARS, both with the phase (the update rule)"),
 )
 
 
-def setting_value(setting: str) -> float | None:
-    """The number in ``half=0.3`` / ``warmup=0.2`` (``None`` for ``authors``)."""
-    _, _, value = setting.partition("=")
-    return float(value) if value else None
+def setting_value(setting: str, key: str | None = None) -> float | None:
+    """The number of ``key=`` in a setting (``half=0.3``, ``warmup=0.2+half=0.3``, with
+    ``key=None`` the first part's); ``None`` for ``authors`` or a missing key."""
+    for part in setting.split("+"):
+        name, _, value = part.partition("=")
+        if key is None or name == key:
+            return float(value) if value else None
+    return None
+
+
+def setting_part(setting: str, key: str) -> str | None:
+    """The ``key`` part of a setting: ``phase`` (``half=...`` or ``authors``), ``warmup`` or
+    ``trust``."""
+    for part in setting.split("+"):
+        name = part.partition("=")[0]
+        if name == key or (key == "phase" and (name == "half" or part == "authors")):
+            return part
+    return None
 
 
 @dataclass(frozen=True)
 class Probe:
-    """Sharpness measured at the end of warm-up and at the end of training, on a fixed batch.
+    """Sharpness measured at the end of warm-up and at the end of training, on a fixed batch
+    (BatchNorm on that batch's statistics, the loss the optimizer sees).
 
     Attributes:
         num_samples: samples of the fixed probe batch (the first training samples).
@@ -169,24 +215,44 @@ class Probe:
 
 
 @dataclass(frozen=True)
+class Model:
+    """The 1-D ResNet of a task: ``width`` channels, ``blocks`` residual blocks."""
+
+    width: int = 16
+    blocks: int = 1
+
+
+#: The models per task: the small encoder of v1/v2 (3,642 parameters with its classifier) and,
+#: for ``deep_classification``, one where layer-wise adaptation has layers to adapt (about
+#: 107k parameters, 21 adapted tensors).
+MODELS: dict[str, Model] = {
+    "classification": Model(16, 1),
+    "barlow_twins": Model(16, 1),
+    "deep_classification": Model(42, 9),
+}
+
+
+@dataclass(frozen=True)
 class Preset:
     """A benchmark size. See the module docstring for the protocol.
 
     Attributes:
         name: preset name; ``stem`` names the output files (``<stem>.csv``, ``.md``, ``.png``).
-        tasks: ``classification`` and/or ``barlow_twins``.
-        batch_sizes: per-step batch sizes.
+        tasks: ``classification``, ``barlow_twins`` and/or ``deep_classification``; the
+            planner runs the largest batch size first, the tasks in this order within one.
+        batch_sizes: per-step batch sizes, per task.
         arms: the arms per task.
         epochs: training epochs per task (the same for every batch size).
         num_samples, val_size, corr_noise_scale, iid_noise_scale: MNIST-1D (80% train + val,
             20% test; ``val_size`` held out of the training part for selection).
-        width, blocks, projection_dim: the 1-D ResNet encoder (and Barlow Twins head).
-        lr_steps: grid points on each side of the centre; max_extensions: grid extensions.
-        tune_seed: the seed of every tuning run; eval_seeds: fresh seeds per chosen setting.
+        models: the 1-D ResNet per task; projection_dim: the Barlow Twins projector's width.
+        lr_steps: grid points on each side of the centre; max_extensions: grid extensions per
+            side.
+        axis_size: values of the second axis tuned (the arm's first ones; ``None``: all).
+        tune_seeds: the seeds every tuning point runs (selection on their mean);
+            eval_seeds: the number of fresh seeds per chosen setting.
         converged_train_accuracy: per task, a run whose final training accuracy (the linear
-            probe's for Barlow Twins) is below this is flagged "not converged". Classification:
-            about 6 points under converged small-batch runs (91-92%); Barlow Twins: above what
-            the linear probe gets from an untrained, random encoder (61-65%).
+            probe's for Barlow Twins) is below this is flagged "not converged".
         probe: the sharpness probe's size.
         jobs, device: defaults of ``--jobs`` and ``--device``.
     """
@@ -194,23 +260,26 @@ class Preset:
     name: str
     stem: str
     tasks: tuple[str, ...]
-    batch_sizes: tuple[int, ...]
+    batch_sizes: Mapping[str, tuple[int, ...]]
     arms: Mapping[str, tuple[str, ...]]
     epochs: Mapping[str, int]
     num_samples: int
     val_size: int
     corr_noise_scale: float | None = 0.25
     iid_noise_scale: float | None = 0.06
-    width: int = 16
-    blocks: int = 1
+    models: Mapping[str, Model] = field(default_factory=lambda: dict(MODELS))
     projection_dim: int = 256
     lr_steps: int = 2
     max_extensions: int = 2
     axis_size: int | None = None
-    tune_seed: int = 0
+    tune_seeds: tuple[int, ...] = (0, 1)
     eval_seeds: int = 8
     converged_train_accuracy: Mapping[str, float] = field(
-        default_factory=lambda: {"classification": 0.85, "barlow_twins": 0.7}
+        default_factory=lambda: {
+            "classification": 0.8,
+            "barlow_twins": 0.7,
+            "deep_classification": 0.8,
+        }
     )
     probe: Probe = field(default_factory=Probe)
     jobs: int = 1
@@ -223,17 +292,20 @@ class Preset:
             for arm in self.arms[task]:
                 if arm not in ARMS:
                     raise ValueError(f"arm {arm!r} is invalid: expected one of {sorted(ARMS)}")
+                source = ARMS[arm].phase_from
+                if source is not None and source not in self.arms[task]:
+                    raise ValueError(f"arm {arm!r} takes the phase of {source!r}: add it")
+        if not self.tune_seeds:
+            raise ValueError("tune_seeds is empty: expected at least one seed")
 
     def axis(self, arm: Arm) -> tuple[str, ...]:
-        """The start settings tuned for ``arm`` (its default first)."""
-        rest = tuple(s for s in arm.axis if s != arm.default)
-        values = (arm.default, *rest)
-        return values[: self.axis_size] if self.axis_size else values
+        """The second-axis values tuned for ``arm`` (its default first)."""
+        return arm.axis[: self.axis_size] if self.axis_size else arm.axis
 
     @property
     def seeds(self) -> tuple[int, ...]:
-        """The evaluation seeds: fresh, never the tuning seed."""
-        first = self.tune_seed + 1
+        """The evaluation seeds: fresh, after the tuning seeds."""
+        first = max(self.tune_seeds) + 1
         return tuple(range(first, first + self.eval_seeds))
 
     def lr(self, arm: Arm, task: str, k: int) -> float:
@@ -246,15 +318,16 @@ class Preset:
         return replace(
             self,
             name=f"{self.name}-quick",
-            batch_sizes=(32, 128),
+            batch_sizes=dict.fromkeys(self.batch_sizes, (32, 128)),
             epochs=dict.fromkeys(self.epochs, 1),
             num_samples=1_000,
             val_size=100,
-            width=4,
+            models=dict.fromkeys(self.models, Model(4, 1)),
             projection_dim=16,
             lr_steps=1,
             max_extensions=1,
             axis_size=2,
+            tune_seeds=(0,),
             eval_seeds=2,
             converged_train_accuracy=dict.fromkeys(self.converged_train_accuracy, 0.0),
             probe=Probe(num_samples=64, iterations=3, trace_samples=2, directions=2),
@@ -263,38 +336,48 @@ class Preset:
 
 CLASSIFICATION_ARMS = (
     "tvlars",
-    "tvlars-cosine",
+    "lars",
     "lars-warmup",
+    "lars-warmup-phase",
     "lars-warmup-cosine",
+    "tvlars-cosine",
     "lamb-warmup-cosine",
+    "tvlamb",
 )
+#: The arms of the self-supervised cell and of the deeper model.
+HEADLINE_ARMS = ("tvlars", "lars", "lars-warmup-cosine", "lamb-warmup-cosine", "tvlamb")
 
 PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         name="cpu",
         stem="accuracy",
-        tasks=("classification",),
-        batch_sizes=(1024, 4096),
-        arms={"classification": CLASSIFICATION_ARMS},
-        epochs={"classification": 60},
+        tasks=("classification", "barlow_twins"),
+        batch_sizes={"classification": (4096, 1024), "barlow_twins": (4096, 1024)},
+        arms={"classification": CLASSIFICATION_ARMS, "barlow_twins": HEADLINE_ARMS},
+        epochs={"classification": 30, "barlow_twins": 10},
         num_samples=40_000,
         val_size=3_000,
-        eval_seeds=8,
+        projection_dim=128,
+        axis_size=3,
         jobs=2,
     ),
     "gpu": Preset(
         name="gpu",
         stem="accuracy_gpu",
-        tasks=("classification", "barlow_twins"),
-        batch_sizes=(4096, 8192, 16384),
-        arms={
-            "classification": CLASSIFICATION_ARMS,
-            "barlow_twins": ("tvlars", "lars-warmup-cosine", "lamb-warmup-cosine"),
+        tasks=("barlow_twins", "deep_classification", "classification"),
+        batch_sizes={
+            "barlow_twins": (16384, 4096),
+            "deep_classification": (8192,),
+            "classification": (16384, 8192, 4096),
         },
-        epochs={"classification": 60, "barlow_twins": 30},
+        arms={
+            "barlow_twins": HEADLINE_ARMS,
+            "deep_classification": HEADLINE_ARMS,
+            "classification": CLASSIFICATION_ARMS,
+        },
+        epochs={"classification": 60, "barlow_twins": 30, "deep_classification": 30},
         num_samples=150_000,
         val_size=5_000,
-        eval_seeds=8,
         jobs=12,
         device="cuda",
     ),
@@ -343,9 +426,17 @@ def row_key(row: Mapping[str, Any]) -> tuple[str, str, int, int, str, float, str
     )
 
 
-def _score(row: Mapping[str, Any]) -> float:
+def _accuracy(row: Mapping[str, Any]) -> float:
     value = float(row["val_accuracy"])
-    return value if math.isfinite(value) else -math.inf
+    return value if math.isfinite(value) else 0.0  # a diverged run scores as nothing learnt
+
+
+def within_noise(best: float, other: float, n: int, seeds: int) -> bool:
+    """Whether validation accuracy ``other`` is within one standard error of the difference
+    from ``best``: binomial errors of two means over ``seeds`` runs of ``n`` samples each,
+    ``sqrt((p_b (1 - p_b) + p_o (1 - p_o)) / (n seeds))``."""
+    variance = best * (1 - best) + other * (1 - other)
+    return best - other <= math.sqrt(variance / (n * seeds))
 
 
 @dataclass(frozen=True)
@@ -354,50 +445,92 @@ class CellState:
 
     Attributes:
         lr: the chosen learning rate (``None`` until the LR stage is complete).
-        setting: the chosen start setting (``None`` until the axis stage is complete).
+        setting: the chosen setting (``None`` until the axis stage is complete).
         grid: the learning-rate grid points run so far (``k`` values).
-        todo: tuning runs still needed, as ``(stage, k, setting)``.
+        scores: mean validation accuracy over the tuning seeds per ``(lr, setting)`` done.
+        settings: the settings of the second axis (the learning-rate search's first).
+        todo: tuning points still needed, as ``(stage, k, setting)`` (each on every tuning
+            seed); empty with ``waiting`` set while an arm it depends on is not tuned.
+        waiting: the arm whose choice this cell waits for, if any.
     """
 
     lr: float | None
     setting: str | None
     grid: tuple[int, ...]
+    scores: Mapping[tuple[float, str], float]
+    settings: tuple[str, ...]
     todo: tuple[tuple[str, int, str], ...]
+    waiting: str | None = None
+
+
+def _axis_settings(
+    preset: Preset, task: str, batch_size: int, arm: Arm, rows: Sequence[Mapping[str, Any]]
+) -> tuple[str, ...] | None:
+    """The settings tuned for ``arm`` in this cell; for a ``warmup-phase`` arm, each warm-up
+    with the phase chosen for its ``phase_from`` arm (``None`` while that is not chosen)."""
+    axis = preset.axis(arm)
+    if arm.phase_from is None:
+        return axis
+    phase = cell_state(preset, task, batch_size, ARMS[arm.phase_from], rows).setting
+    if phase is None:
+        return None
+    return tuple(f"{warmup}+{phase}" for warmup in axis)
 
 
 def cell_state(
     preset: Preset, task: str, batch_size: int, arm: Arm, rows: Iterable[Mapping[str, Any]]
 ) -> CellState:
     """The tuning decisions of one cell from its tuning rows (see the module docstring)."""
-    tuned = {
-        (float(r["lr"]), str(r["setting"])): r
-        for r in rows
-        if (r["task"], r["arm"], int(r["batch_size"]), r["role"], int(r["seed"]))
-        == (task, arm.name, batch_size, "tune", preset.tune_seed)
+    rows = list(rows)
+    runs: dict[tuple[float, str], dict[int, float]] = {}
+    for r in rows:
+        if (r["task"], r["arm"], int(r["batch_size"]), r["role"]) == (
+            task,
+            arm.name,
+            batch_size,
+            "tune",
+        ) and int(r["seed"]) in preset.tune_seeds:
+            runs.setdefault((float(r["lr"]), str(r["setting"])), {})[int(r["seed"])] = _accuracy(r)
+    scores = {
+        point: statistics.fmean(by_seed.values())
+        for point, by_seed in runs.items()
+        if set(by_seed) == set(preset.tune_seeds)
     }
-    default = arm.default
+    settings = _axis_settings(preset, task, batch_size, arm, rows)
+    if settings is None:
+        return CellState(None, None, (), scores, (), (), waiting=arm.phase_from)
+    default = settings[0]
     grid = list(range(-preset.lr_steps, preset.lr_steps + 1))
+    extended = {"low": 0, "high": 0}
+    seeds = len(preset.tune_seeds)
     while True:
-        missing = [k for k in grid if (preset.lr(arm, task, k), default) not in tuned]
+        missing = [k for k in grid if (preset.lr(arm, task, k), default) not in scores]
         if missing:
-            return CellState(None, None, tuple(grid), tuple(("lr", k, default) for k in missing))
+            todo = tuple(("lr", k, default) for k in missing)
+            return CellState(None, None, tuple(grid), scores, settings, todo)
+        score = {k: scores[(preset.lr(arm, task, k), default)] for k in grid}
         # best validation accuracy; ties go to the smaller learning rate
-        best = max(grid, key=lambda k: (_score(tuned[(preset.lr(arm, task, k), default)]), -k))
-        extensions = len(grid) - (2 * preset.lr_steps + 1)
-        if best == grid[-1] and extensions < preset.max_extensions:
-            grid.append(best + 1)
-        elif best == grid[0] and extensions < preset.max_extensions:
-            grid.insert(0, best - 1)
+        best = max(grid, key=lambda k: (score[k], -k))
+        if extended["high"] < preset.max_extensions and within_noise(
+            score[best], score[grid[-1]], preset.val_size, seeds
+        ):
+            grid.append(grid[-1] + 1)
+            extended["high"] += 1
+        elif extended["low"] < preset.max_extensions and within_noise(
+            score[best], score[grid[0]], preset.val_size, seeds
+        ):
+            grid.insert(0, grid[0] - 1)
+            extended["low"] += 1
         else:
             break
     lr = preset.lr(arm, task, best)
-    axis = preset.axis(arm)
-    missing_axis = [s for s in axis if (lr, s) not in tuned]
+    missing_axis = [s for s in settings if (lr, s) not in scores]
     if missing_axis:
-        return CellState(lr, None, tuple(grid), tuple(("axis", best, s) for s in missing_axis))
-    # ties go to the earlier setting of the axis (the LR search's default first)
-    setting = max(axis, key=lambda s: (_score(tuned[(lr, s)]), -axis.index(s)))
-    return CellState(lr, setting, tuple(grid), ())
+        todo = tuple(("axis", best, s) for s in missing_axis)
+        return CellState(lr, None, tuple(grid), scores, settings, todo)
+    # ties go to the earlier setting (the learning-rate search's default first)
+    setting = max(settings, key=lambda s: (scores[(lr, s)], -settings.index(s)))
+    return CellState(lr, setting, tuple(grid), scores, settings, ())
 
 
 def early_probe(
@@ -412,37 +545,39 @@ def early_probe(
 ) -> float | None:
     """The fraction of the run after which the early sharpness probe runs.
 
-    A warm-up arm: the end of its own warm-up. A TVLARS arm: the same step as its paired
-    warm-up arm (the LR search's default warm-up in tuning runs, the paired arm's chosen
-    warm-up in evaluation runs; ``None`` while that is not chosen yet).
+    An arm with a warm-up: the end of its own warm-up. Without one: the same step as its
+    ``paired`` warm-up arm (that arm's default warm-up in tuning runs, its chosen warm-up in
+    evaluation runs; ``None`` while that is not chosen yet).
     """
-    if arm.start == "warmup":
-        value = setting_value(setting)
+    if arm.start in ("warmup", "warmup-phase"):
+        value = setting_value(setting, "warmup")
         assert value is not None
         return value
-    names = [a for a in (arm.paired, "lars-warmup-cosine", "lars-warmup") if a]
-    paired = next((ARMS[a] for a in names if a in preset.arms[task]), ARMS["lars-warmup-cosine"])
+    paired = ARMS[arm.paired or "lars-warmup-cosine"]
     if tuning or paired.name not in preset.arms[task]:
-        return setting_value(paired.default)
+        return setting_value(paired.default, "warmup")
     chosen = cell_state(preset, task, batch_size, paired, rows).setting
-    return None if chosen is None else setting_value(chosen)
+    return None if chosen is None else setting_value(chosen, "warmup")
 
 
 def plan(preset: Preset, rows: Sequence[Mapping[str, Any]]) -> list[RunSpec]:
     """Every run that can start now, given the finished ``rows``.
 
-    Tuning runs of a stage come once the previous stage of their cell is complete;
-    evaluation runs once the cell is tuned (and, for TVLARS arms, once the paired warm-up arm
-    is, for the early probe's step). Runs already in ``rows`` are left out. The order is the
-    order of priority: the largest batch first (the question of the benchmark, and the
-    cheapest runs), then task by task, so that a time budget cuts the least useful runs.
+    Tuning points of a stage come once the previous stage of their cell is complete (every
+    tuning seed); evaluation runs once the cell is tuned (and, for arms without a warm-up,
+    once the paired warm-up arm is, for the early probe's step). Runs already in ``rows`` are
+    left out. The order is the order of priority: the largest batch first (the question of
+    the benchmark, and the cheapest runs), then task by task, so that a time budget cuts the
+    least useful runs.
     """
     done = {row_key(r) for r in rows}
     todo: list[RunSpec] = []
-    for batch_size in sorted(preset.batch_sizes, reverse=True):
+    batch_sizes = sorted({b for t in preset.tasks for b in preset.batch_sizes[t]}, reverse=True)
+    for batch_size in batch_sizes:
         for task in preset.tasks:
-            for name in preset.arms[task]:
-                todo += _cell_plan(preset, task, batch_size, ARMS[name], rows)
+            if batch_size in preset.batch_sizes[task]:
+                for name in preset.arms[task]:
+                    todo += _cell_plan(preset, task, batch_size, ARMS[name], rows)
     return [spec for spec in todo if spec.key not in done]
 
 
@@ -456,15 +591,14 @@ def _cell_plan(
         fraction = early_probe(preset, task, batch_size, arm, setting, rows, tuning=True)
         assert fraction is not None
         lr = preset.lr(arm, task, k)
-        specs.append(
-            RunSpec(
-                task, arm.name, batch_size, preset.tune_seed, "tune", stage, lr, setting, fraction
-            )
-        )
+        specs += [
+            RunSpec(task, arm.name, batch_size, seed, "tune", stage, lr, setting, fraction)
+            for seed in preset.tune_seeds
+        ]
     if state.setting is None or state.lr is None:
         return specs
     fraction = early_probe(preset, task, batch_size, arm, state.setting, rows, tuning=False)
-    if fraction is None:  # a TVLARS arm waiting for its paired warm-up arm
+    if fraction is None:  # an arm without warm-up waiting for its paired warm-up arm
         return specs
     return specs + [
         RunSpec(task, arm.name, batch_size, seed, "eval", "eval", state.lr, state.setting, fraction)

@@ -14,15 +14,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_tvlars.bench.protocol import ARMS, COMPARISONS, CellState, Preset, cell_state
-from lightning_tvlars.bench.stats import holm, spearman, t_quantile, welch
+from lightning_tvlars.bench.protocol import (
+    ARMS,
+    COMPARISONS,
+    CellState,
+    Preset,
+    cell_state,
+)
+from lightning_tvlars.bench.stats import Paired, holm, paired, spearman, t_quantile, welch
 
 Row = Mapping[str, Any]
 ALPHA = 0.05
 TASK_TITLES = {
     "classification": "Classification (test accuracy)",
     "barlow_twins": "Barlow Twins (linear-probe test accuracy)",
+    "deep_classification": "Classification with the deeper ResNet (test accuracy)",
 }
+#: The loss of a uniform prediction over MNIST-1D's 10 classes: an early probe above it
+#: measures a model worse than chance.
+CHANCE_LOSS = {"classification": math.log(10), "deep_classification": math.log(10)}
 
 
 def _float(value: Any) -> float:
@@ -58,12 +68,15 @@ class Cell:
     def converged(self) -> int:
         return sum(int(r["converged"]) for r in self.runs)
 
+    def by_seed(self, column: str) -> dict[int, float]:
+        return {int(r["seed"]): _float(r[column]) for r in self.runs}
+
 
 def cells(preset: Preset, rows: Sequence[Row]) -> list[Cell]:
     """Every cell of the preset with its tuning state and evaluation rows."""
     out = []
     for task in preset.tasks:
-        for batch_size in preset.batch_sizes:
+        for batch_size in preset.batch_sizes[task]:
             for arm in preset.arms[task]:
                 state = cell_state(preset, task, batch_size, ARMS[arm], rows)
                 runs = tuple(
@@ -78,14 +91,14 @@ def cells(preset: Preset, rows: Sequence[Row]) -> list[Cell]:
 
 
 @dataclass(frozen=True)
-class Comparison:
+class Result:
     """``a - b`` in one (task, batch size): Welch's test, Holm-adjusted p and the verdict."""
 
     task: str
     batch_size: int
     a: str
     b: str
-    what: str
+    isolates: str
     diff: float
     low: float
     high: float
@@ -97,36 +110,47 @@ class Comparison:
     n_b: int
 
 
-def comparisons(preset: Preset, all_cells: Sequence[Cell]) -> list[Comparison]:
+def _pairs(by_key: Mapping[tuple[str, int, str], Cell], task: str, batch_size: int) -> list[Any]:
+    """The :data:`COMPARISONS` whose two cells both exist in (task, batch size)."""
+    out = []
+    for comparison in COMPARISONS:
+        ca = by_key.get((task, batch_size, comparison.a))
+        cb = by_key.get((task, batch_size, comparison.b))
+        if ca is not None and cb is not None:
+            out.append((comparison, ca, cb))
+    return out
+
+
+def comparisons(preset: Preset, all_cells: Sequence[Cell]) -> list[Result]:
     """Every comparison of :data:`COMPARISONS` with two or more seeds per side, Holm-adjusted
     over all of them; ``win`` / ``loss`` (for ``a``) only where the adjusted p < 0.05."""
     by_key = {(c.task, c.batch_size, c.arm): c for c in all_cells}
     tests = []
     for task in preset.tasks:
-        for batch_size in preset.batch_sizes:
-            for a, b, what in COMPARISONS:
-                ca, cb = by_key.get((task, batch_size, a)), by_key.get((task, batch_size, b))
-                if ca is None or cb is None or len(ca.runs) < 2 or len(cb.runs) < 2:
+        for batch_size in preset.batch_sizes[task]:
+            for comparison, ca, cb in _pairs(by_key, task, batch_size):
+                if len(ca.runs) < 2 or len(cb.runs) < 2:
                     continue
                 notes = [
                     f"{c.arm}: {len(c.runs) - c.converged}/{len(c.runs)} not converged"
                     for c in (ca, cb)
                     if c.converged < len(c.runs)
                 ]
-                tests.append((task, batch_size, a, b, what, welch(ca.accuracy, cb.accuracy), notes))
-    adjusted = holm([t[5].p for t in tests])
+                result = welch(ca.accuracy, cb.accuracy)
+                tests.append((task, batch_size, comparison, result, notes))
+    adjusted = holm([t[3].p for t in tests])
     out = []
-    for (task, batch_size, a, b, what, w, notes), p_holm in zip(tests, adjusted, strict=True):
+    for (task, batch_size, comparison, w, notes), p_holm in zip(tests, adjusted, strict=True):
         verdict = "tie"
         if p_holm < ALPHA:
             verdict = "win" if w.diff > 0 else "loss"
         out.append(
-            Comparison(
+            Result(
                 task,
                 batch_size,
-                a,
-                b,
-                what,
+                comparison.a,
+                comparison.b,
+                comparison.isolates,
                 w.diff,
                 w.low,
                 w.high,
@@ -139,6 +163,51 @@ def comparisons(preset: Preset, all_cells: Sequence[Cell]) -> list[Comparison]:
             )
         )
     return out
+
+
+#: Sharpness columns compared per seed between arms, and their headings.
+PAIRED_MEASURES = {
+    "early_filter_normalized": "early, filter-norm.",
+    "early_top_eigenvalue": "early, top eig.",
+    "end_filter_normalized": "end, filter-norm.",
+    "end_top_eigenvalue": "end, top eig.",
+}
+
+
+@dataclass(frozen=True)
+class SharpnessResult:
+    """Per-seed differences of one sharpness measure between two arms' evaluation runs."""
+
+    task: str
+    batch_size: int
+    a: str
+    b: str
+    measure: str
+    test: Paired
+    p_holm: float
+
+
+def sharpness_comparisons(preset: Preset, all_cells: Sequence[Cell]) -> list[SharpnessResult]:
+    """Paired tests (same seed: same initial weights and batch order) of each
+    :data:`PAIRED_MEASURES` for every comparison with at least two common seeds; Holm over
+    all of them (a family of its own)."""
+    by_key = {(c.task, c.batch_size, c.arm): c for c in all_cells}
+    tests = []
+    for task in preset.tasks:
+        for batch_size in preset.batch_sizes[task]:
+            for comparison, ca, cb in _pairs(by_key, task, batch_size):
+                for measure in PAIRED_MEASURES:
+                    va, vb = ca.by_seed(measure), cb.by_seed(measure)
+                    seeds = sorted(set(va) & set(vb))
+                    if len(seeds) < 2:
+                        continue
+                    test = paired([va[s] for s in seeds], [vb[s] for s in seeds])
+                    tests.append((task, batch_size, comparison, measure, test))
+    adjusted = holm([t[4].p_wilcoxon for t in tests])
+    return [
+        SharpnessResult(task, batch_size, c.a, c.b, measure, test, p_holm)
+        for (task, batch_size, c, measure, test), p_holm in zip(tests, adjusted, strict=True)
+    ]
 
 
 def _ci_half(values: Sequence[float]) -> float:
@@ -161,7 +230,7 @@ def _p(value: float) -> str:
 
 def cell_table(preset: Preset, all_cells: Sequence[Cell], task: str) -> list[str]:
     lines = [
-        "| batch | arm | lr (base) | start setting | seeds | test acc. (%) mean ± std "
+        "| batch | arm | lr (base) | setting | seeds | test acc. (%) mean ± std "
         "| 95% CI of the mean | train acc. (%) | converged |",
         "|---:|---|---:|---|---:|---:|---:|---:|---:|",
     ]
@@ -177,8 +246,9 @@ def cell_table(preset: Preset, all_cells: Sequence[Cell], task: str) -> list[str
             preset.lr(ARMS[c.arm], task, grid[-1]),
         ):
             edge = " (edge)"
-        lr = "tuning" if c.state.lr is None else f"{c.state.lr:g}{edge}"
-        setting = c.state.setting or "tuning"
+        waiting = f"waits for {c.state.waiting}" if c.state.waiting else "tuning"
+        lr = waiting if c.state.lr is None else f"{c.state.lr:g}{edge}"
+        setting = c.state.setting or waiting
         ci = "n/a" if not math.isfinite(half) else f"[{_pct(mean - half)}, {_pct(mean + half)}]"
         lines.append(
             f"| {c.batch_size} | {c.arm} | {lr} | {setting} | {len(acc)} "
@@ -188,10 +258,10 @@ def cell_table(preset: Preset, all_cells: Sequence[Cell], task: str) -> list[str
     return lines
 
 
-def comparison_table(results: Sequence[Comparison], task: str) -> list[str]:
+def comparison_table(results: Sequence[Result], task: str) -> list[str]:
     lines = [
-        "| batch | a − b | what it measures | seeds | difference (points) [95% CI] | p "
-        "| p (Holm) | verdict for a |",
+        "| batch | a − b | what the difference isolates | seeds | difference (points) [95% CI] "
+        "| p | p (Holm) | verdict for a |",
         "|---:|---|---|---:|---:|---:|---:|---|",
     ]
     for r in (r for r in results if r.task == task):
@@ -199,26 +269,55 @@ def comparison_table(results: Sequence[Comparison], task: str) -> list[str]:
         if r.note:
             verdict += f" ({r.note})"
         lines.append(
-            f"| {r.batch_size} | {r.a} − {r.b} | {r.what} | {r.n_a} + {r.n_b} "
+            f"| {r.batch_size} | {r.a} − {r.b} | {r.isolates} | {r.n_a} + {r.n_b} "
             f"| {100 * r.diff:+.2f} [{100 * r.low:+.2f}, {100 * r.high:+.2f}] "
             f"| {_p(r.p)} | {_p(r.p_holm)} | {verdict} |"
         )
     return lines
 
 
+def _above_chance(c: Cell) -> str:
+    chance = CHANCE_LOSS.get(c.task)
+    if chance is None:
+        return "n/a"
+    losses = [v for v in (_float(r["early_loss"]) for r in c.runs) if math.isfinite(v)]
+    return f"{sum(v > chance for v in losses)}/{len(losses)}"
+
+
 def sharpness_table(all_cells: Sequence[Cell], task: str) -> list[str]:
     lines = [
-        "| batch | arm | early step | early: filter-norm. | early: top eig. "
-        "| end: filter-norm. | end: top eig. | end: trace | test acc. (%) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | arm | early step | early loss | early loss > chance | early: filter-norm. "
+        "| early: top eig. | end loss | end: filter-norm. | end: top eig. | end: trace "
+        "| test acc. (%) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in (c for c in all_cells if c.task == task and c.runs):
         lines.append(
             f"| {c.batch_size} | {c.arm} | {c.median('early_step'):.0f} "
+            f"| {_num(c.median('early_loss'))} | {_above_chance(c)} "
             f"| {_num(c.median('early_filter_normalized'))} "
-            f"| {_num(c.median('early_top_eigenvalue'))} "
+            f"| {_num(c.median('early_top_eigenvalue'))} | {_num(c.median('end_loss'))} "
             f"| {_num(c.median('end_filter_normalized'))} | {_num(c.median('end_top_eigenvalue'))} "
             f"| {_num(c.median('end_trace'))} | {_pct(c.mean('test_accuracy'))} |"
+        )
+    return lines
+
+
+def paired_sharpness_table(results: Sequence[SharpnessResult], task: str) -> list[str]:
+    lines = [
+        "| batch | a − b | measure | pairs | a < b | a > b | median a − b | p (Wilcoxon) "
+        "| p (sign) | p (Holm) | |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in (r for r in results if r.task == task):
+        t = r.test
+        verdict = ""
+        if r.p_holm < ALPHA:
+            verdict = "**a flatter**" if t.median < 0 else "**a sharper**"
+        lines.append(
+            f"| {r.batch_size} | {r.a} − {r.b} | {PAIRED_MEASURES[r.measure]} | {t.n} "
+            f"| {t.below} | {t.above} | {_num(t.median)} | {_p(t.p_wilcoxon)} | {_p(t.p_sign)} "
+            f"| {_p(r.p_holm)} | {verdict} |"
         )
     return lines
 
@@ -239,7 +338,7 @@ def correlations(
     learning rate and the start, and its evaluation seeds), and across optimizers, over the
     cells' medians (sharpness) and means (accuracy) of their evaluation runs."""
     out = []
-    for batch_size in preset.batch_sizes:
+    for batch_size in preset.batch_sizes[task]:
         for arm in preset.arms[task]:
             mine = [
                 r
@@ -279,35 +378,55 @@ def correlation_table(items: Sequence[tuple[str, list[tuple[float, float, int]]]
     return lines
 
 
-def tuning_table(
-    preset: Preset, rows: Sequence[Row], all_cells: Sequence[Cell], task: str
-) -> list[str]:
+def tuning_table(preset: Preset, all_cells: Sequence[Cell], task: str) -> list[str]:
+    seeds = len(preset.tune_seeds)
     lines = [
-        "| batch | arm | lr grid (validation acc. %) "
-        "| start settings at the chosen lr (validation acc. %) |",
+        f"| batch | arm | lr grid (validation acc. %, mean of {seeds} seeds) "
+        "| settings at the chosen lr (validation acc. %) |",
         "|---:|---|---|---|",
     ]
     for c in (c for c in all_cells if c.task == task):
-        arm = ARMS[c.arm]
-        tuned = {
-            (_float(r["lr"]), r["setting"]): _float(r["val_accuracy"])
-            for r in rows
-            if (r["task"], r["arm"], int(r["batch_size"]), r["role"])
-            == (task, c.arm, c.batch_size, "tune")
-        }
+        arm, state = ARMS[c.arm], c.state
+        if state.waiting:
+            lines.append(f"| {c.batch_size} | {c.arm} | waits for {state.waiting} | |")
+            continue
         grid = []
-        for k in c.state.grid:
+        for k in state.grid:
             lr = preset.lr(arm, task, k)
-            value = tuned.get((lr, arm.default))
+            value = state.scores.get((lr, state.settings[0]))
             text = f"{lr:g}: {_pct(value, 1)}" if value is not None else f"{lr:g}: …"
-            grid.append(f"**{text}**" if lr == c.state.lr else text)
+            grid.append(f"**{text}**" if lr == state.lr else text)
         axis = []
-        if c.state.lr is not None:
-            for s in preset.axis(arm):
-                value = tuned.get((c.state.lr, s))
-                text = f"{s}: {_pct(value, 1)}" if value is not None else f"{s}: …"
-                axis.append(f"**{text}**" if s == c.state.setting else text)
+        if state.lr is not None:
+            for setting in state.settings:
+                value = state.scores.get((state.lr, setting))
+                text = f"{setting}: {_pct(value, 1)}" if value is not None else f"{setting}: …"
+                axis.append(f"**{text}**" if setting == state.setting else text)
         lines.append(f"| {c.batch_size} | {c.arm} | {', '.join(grid)} | {', '.join(axis)} |")
+    return lines
+
+
+def completeness(preset: Preset, all_cells: Sequence[Cell]) -> list[str]:
+    """One line per task: the cells with every evaluation seed, and where the others stand."""
+    lines = []
+    for task in preset.tasks:
+        mine = [c for c in all_cells if c.task == task]
+        done = [c for c in mine if len(c.runs) == preset.eval_seeds]
+        rest = [
+            f"{c.arm} at {c.batch_size} ("
+            + (
+                f"{len(c.runs)}/{preset.eval_seeds} seeds"
+                if c.state.setting
+                else f"waits for {c.state.waiting}"
+                if c.state.waiting
+                else "tuning"
+            )
+            + ")"
+            for c in mine
+            if c not in done
+        ]
+        line = f"- {TASK_TITLES[task]}: {len(done)} of {len(mine)} cells complete"
+        lines.append(line + (f"; not yet: {', '.join(rest)}." if rest else "."))
     return lines
 
 
@@ -343,7 +462,8 @@ def plot_accuracy(preset: Preset, all_cells: Sequence[Cell], path: Path) -> None
                 label=arm,
             )
         ax.set_xscale("log", base=2)
-        ax.set_xticks(list(preset.batch_sizes), [str(b) for b in preset.batch_sizes])
+        sizes = preset.batch_sizes[task]
+        ax.set_xticks(list(sizes), [str(b) for b in sizes])
         ax.set_xlabel("batch size")
         ax.set_ylabel("test accuracy (%), mean and 95% CI")
         ax.set_title(TASK_TITLES[task])
@@ -360,12 +480,13 @@ def plot_sharpness(preset: Preset, rows: Sequence[Row], path: Path) -> None:
     plt = _pyplot()
     tasks = preset.tasks
     fig, axes = plt.subplots(2, len(tasks), figsize=(6 * len(tasks), 8), squeeze=False)
-    markers = dict(zip(preset.batch_sizes, "osD^v<>", strict=False))
+    sizes = sorted({b for t in tasks for b in preset.batch_sizes[t]})
+    markers = dict(zip(sizes, "osD^v<>", strict=False))
     for column, task in enumerate(tasks):
         for row_index, when in enumerate(("early", "end")):
             ax = axes[row_index][column]
             for i, arm in enumerate(preset.arms[task]):
-                for batch_size in preset.batch_sizes:
+                for batch_size in preset.batch_sizes[task]:
                     mine = [
                         r
                         for r in rows
@@ -415,24 +536,42 @@ def write_report(
     stem = preset.stem
     all_cells = cells(preset, rows)
     results = comparisons(preset, all_cells)
+    sharpness_results = sharpness_comparisons(preset, all_cells)
     plot_accuracy(preset, all_cells, out / f"{stem}.png")
     plot_sharpness(preset, rows, out / f"{stem}_sharpness.png")
     wall = sum(_float(r["wall_seconds"]) for r in rows)
     probe = preset.probe
     complete = all(len(c.runs) == preset.eval_seeds for c in all_cells)
+    versions = sorted({str(r.get("code_version", "")) for r in rows} - {""})
     data = (
         f"MNIST-1D, {preset.num_samples:,} generated samples (noise: correlated "
         f"{preset.corr_noise_scale}, iid {preset.iid_noise_scale}): "
         f"{int(0.8 * preset.num_samples) - preset.val_size:,} train, {preset.val_size:,} "
         f"validation, {preset.num_samples - int(0.8 * preset.num_samples):,} test"
     )
+    params = {
+        task: sorted({int(r["model_params"]) for r in rows if r["task"] == task})
+        for task in preset.tasks
+    }
+    models = "; ".join(
+        f"{task.replace('_', ' ')}: width {preset.models[task].width}, "
+        f"{preset.models[task].blocks} residual block(s)"
+        + (f", {', '.join(f'{n:,}' for n in params[task])} parameters" if params[task] else "")
+        + (f", projector {preset.projection_dim}" if task == "barlow_twins" else "")
+        for task in preset.tasks
+    )
+    seeds = list(preset.tune_seeds)
     text = [
         f"# Accuracy benchmark, preset `{preset.name}`",
         "",
         f"Reproduce: `{command}` (resumable: raw rows in `{stem}.csv`, one per run).",
         "",
         f"Environment: {environment}. Sum of run wall times: {wall / 60:.0f} min over "
-        f"{len(rows)} runs.",
+        f"{len(rows)} runs. Code: {', '.join(versions) or 'n/a'} (`code_version` of the rows).",
+        "",
+        "## Completeness",
+        "",
+        *completeness(preset, all_cells),
         "",
     ]
     if not complete:
@@ -451,35 +590,42 @@ def write_report(
     text += [
         "## Protocol",
         "",
-        f"- Data: {data}. Model: 1-D ResNet encoder (width {preset.width}, {preset.blocks} "
-        "residual block(s)).",
+        f"- Data: {data}. Models (1-D ResNets): {models}.",
         f"- Epochs: {dict(preset.epochs)}, the same for every batch size; batch sizes "
-        f"{list(preset.batch_sizes)}.",
-        f"- Tuning on seed {preset.tune_seed}: a {2 * preset.lr_steps + 1}-point learning-rate "
-        "grid "
-        f"(x1.78 steps; base rate at batch 256, linear scaling for LARS-type arms, square root "
-        f"for LAMB), extended past an edge up to {preset.max_extensions} times, then "
-        f"{len(preset.axis(ARMS['tvlars']))} start settings at the chosen rate (phase or "
-        "warm-up length); selection on validation accuracy.",
+        f"{ {t: list(preset.batch_sizes[t]) for t in preset.tasks} }.",
+        f"- Tuning on the mean validation accuracy of seeds {seeds}: a "
+        f"{2 * preset.lr_steps + 1}-point learning-rate grid (x1.78 steps; base rate at batch "
+        "256, linear scaling for LARS-type arms, square root for LAMB), extended past an edge "
+        "that is the best or within one standard error of the best (binomial, over the "
+        f"validation samples of both means), up to {preset.max_extensions} times per side; "
+        "then the arm's second axis at the chosen rate (phase, warm-up length, or the trust "
+        "coefficient for plain LARS), "
+        f"{len(preset.axis(ARMS['tvlars']))} values for every arm. `lars-warmup-phase` takes "
+        "the phase chosen for `tvlars` and tunes its warm-up.",
         f"- Evaluation: {preset.eval_seeds} fresh seeds (seeds {list(preset.seeds)}) per chosen "
         "setting; test accuracy is never used for selection. The reported accuracy is the "
-        "final one (no best-epoch picking).",
+        "final one (no best-epoch picking). The same seed gives the same initial weights and "
+        "batch order in every arm.",
         "- Comparisons: Welch's t-test and its 95% confidence interval for each difference, "
         "Holm's correction over every comparison on this page; a **win** or **loss** is a "
-        f"Holm-adjusted p < {ALPHA}, otherwise a tie.",
+        f"Holm-adjusted p < {ALPHA}, otherwise a tie. Each is named by what it isolates: what "
+        "the two arms do differently.",
         "- Converged: final training accuracy ≥ "
         + ", ".join(
             f"{preset.converged_train_accuracy[t]:.0%} ({t.replace('_', ' ')})"
             for t in preset.tasks
         )
         + " (for Barlow Twins, the linear probe's training accuracy).",
-        f"- Sharpness on a fixed batch of {probe.num_samples} training samples, model in eval "
-        "mode: "
+        f"- Sharpness on a fixed batch of {probe.num_samples} training samples, Dropout off and "
+        "BatchNorm on that batch's statistics (the loss the optimizer sees; running statistics "
+        "untouched): "
         f"top Hessian eigenvalue ({probe.iterations} power iterations at most), Hutchinson "
         f"trace ({probe.trace_samples} probes), filter-normalized random-direction loss "
         f"increase ({probe.directions} directions x 2 signs, radius 0.05); measured at the end "
-        "of the warm-up (for a TVLARS arm, at the end of its paired LARS arm's warm-up: the "
-        "same step) and at the end of training. Tables give medians over seeds.",
+        "of the warm-up (for an arm without warm-up, at the end of its paired arm's warm-up: "
+        "the same step) and at the end of training, with the probe batch's loss next to it "
+        "(chance: ln 10 = 2.30). Per-cell tables give medians; arms are compared per seed "
+        "(Wilcoxon's signed-rank test and the sign test, Holm over the sharpness tests).",
         "",
     ]
     for task in preset.tasks:
@@ -498,11 +644,15 @@ def write_report(
             "",
             *sharpness_table(all_cells, task),
             "",
+            "Per seed, between the arms of each comparison (a − b):",
+            "",
+            *paired_sharpness_table(sharpness_results, task),
+            "",
             *correlation_table(correlations(preset, rows, all_cells, task)),
             "",
-            "### Tuning (seed " + str(preset.tune_seed) + "; chosen values in bold)",
+            f"### Tuning (seeds {seeds}; chosen values in bold)",
             "",
-            *tuning_table(preset, rows, all_cells, task),
+            *tuning_table(preset, all_cells, task),
             "",
         ]
     text += [

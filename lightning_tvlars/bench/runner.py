@@ -53,6 +53,8 @@ FIELDS = (
     "probe_seconds",
     "wall_seconds",
     "device",
+    "model_params",
+    "code_version",
 )
 
 Row = dict[str, Any]

@@ -16,10 +16,12 @@ without lightly runs the benchmark.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_tvlars.bench.protocol import ARMS, Arm, Preset, RunSpec, setting_value
+from lightning_tvlars.bench.protocol import (
+    ARMS,
+    Arm,
+    Preset,
+    RunSpec,
+    setting_part,
+    setting_value,
+)
 from lightning_tvlars.examples.classifier import encoder
 from lightning_tvlars.examples.mnist1d import NUM_CLASSES, generate
 from lightning_tvlars.recipe import PhaseConfig, RunFacts, TVLARSConfig, build, groups_for
@@ -36,6 +45,8 @@ from lightning_tvlars.sharpness import SharpnessReport, measure_sharpness
 
 #: Value of phi at the end of the run for the authors' form ``1 / (0.1 + exp(decay (t + 1)))``.
 AUTHORS_FINAL_PHASE = 0.01
+#: The authors' clamp of both norms of the trust ratio.
+AUTHORS_NORM_CLIP = 10.0
 SHARPNESS_FIELDS = ("loss", "top_eigenvalue", "trace", "filter_normalized")
 
 
@@ -170,19 +181,21 @@ class BarlowTwinsNet(nn.Module):
 
 
 def phase_setting(setting: str, total_steps: int) -> PhaseConfig:
-    """The phase of a ``phase`` arm's setting.
+    """The phase of a setting's phase part (``half=f`` or ``authors``).
 
     ``half=f``: fitted to the run, halfway at ``f`` of it and 99% of the way down at the end;
     ``half=1``: halfway at the end (``half_at=0.99, decayed_by_end=0.51``: phi goes from 0.98
     through 0.88 at mid-run to 0.49); ``authors``: the authors' form
-    ``1 / (0.1 + exp(decay (t + 1)))`` with ``decay`` such that phi reaches 0.01 at the end.
+    ``1 / (0.1 + exp(decay (t + 1)))`` with ``decay`` such that phi reaches 0.01 at the end
+    (:func:`arm_config` adds their norm clamp at 10).
     """
-    if setting == "authors":
+    part = setting_part(setting, "phase")
+    if part == "authors":
         decay = math.log(1 / AUTHORS_FINAL_PHASE - 0.1) / (total_steps + 1)
         return PhaseConfig(mode="explicit", alpha=0.1, delay=-1.0, decay=decay)
-    half = setting_value(setting)
-    if half is None or not setting.startswith("half="):
-        raise ValueError(f"setting {setting!r} is invalid for a phase arm")
+    half = None if part is None else setting_value(part)
+    if half is None:
+        raise ValueError(f"setting {setting!r} is invalid: it has no phase (half=... or authors)")
     return (
         PhaseConfig(half_at=0.99, decayed_by_end=0.51) if half >= 1 else PhaseConfig(half_at=half)
     )
@@ -190,22 +203,35 @@ def phase_setting(setting: str, total_steps: int) -> PhaseConfig:
 
 def arm_config(arm: Arm, spec: RunSpec, total_steps: int) -> TVLARSConfig:
     """The :class:`~lightning_tvlars.TVLARSConfig` of an arm's run: the product's recipe for
-    every arm (lightly's LARS takes the same groups and schedule)."""
-    phase, warmup = PhaseConfig(mode="off"), 0.0
-    if arm.start == "phase":
-        phase = phase_setting(spec.setting, total_steps)
+    every arm (lightly's LARS takes the same groups and schedule).
+
+    The setting's parts: ``half=f`` / ``authors`` the phase (``authors`` with the authors' norm
+    clamp at 10 for LARS), ``warmup=f`` the warm-up fraction, ``trust=c`` LARS's trust
+    coefficient.
+    """
+    setting = spec.setting
+    options: dict[str, Any] = {}
+    if arm.start in ("phase", "warmup-phase"):
+        options["phase"] = phase_setting(setting, total_steps)
+        if setting_part(setting, "phase") == "authors" and arm.optimizer == "lars":
+            options["norm_clip"] = AUTHORS_NORM_CLIP
     else:
-        warmup = setting_value(spec.setting) or 0.0
-        if not spec.setting.startswith("warmup="):
-            raise ValueError(f"setting {spec.setting!r} is invalid for a warm-up arm")
+        options["phase"] = PhaseConfig(mode="off")
+    if arm.start in ("warmup", "warmup-phase"):
+        warmup = setting_value(setting, "warmup")
+        if warmup is None:
+            raise ValueError(f"setting {setting!r} is invalid for arm {arm.name!r}: no warmup=")
+        options["warmup_fraction"] = warmup
+    trust = setting_value(setting, "trust")
+    if trust is not None:
+        options["trust_coefficient"] = trust
     return TVLARSConfig(
         optimizer="lamb" if arm.optimizer == "lamb" else "lars",
         lr=spec.lr,
         lr_scaling=arm.lr_scaling,  # type: ignore[arg-type]
         weight_decay=5e-4,
-        phase=phase,
-        warmup_fraction=warmup,
         lr_schedule=arm.annealing,  # type: ignore[arg-type]
+        **options,
     )
 
 
@@ -287,6 +313,31 @@ def linear_probe(
 # ------------------------------------------------------------------------------ one run
 
 
+@functools.cache
+def code_version() -> str:
+    """The package's git commit (``+dirty`` when its code differs from it), or its version
+    outside a git checkout: which optimizer code produced a row."""
+    import subprocess
+
+    from lightning_tvlars import __version__
+
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30
+        )
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        if head.returncode != 0:
+            return __version__
+        dirty = git("diff", "--quiet", "HEAD", "--", "lightning_tvlars").returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def _probe(
     model: nn.Module, loss_fn: Callable[[], Tensor], preset: Preset, step: int
 ) -> SharpnessReport:
@@ -337,9 +388,10 @@ def run(
     torch.manual_seed(spec.seed)
     generator = torch.Generator(device=device).manual_seed(spec.seed)
     probe_x = data.x_train[: preset.probe.num_samples]
+    size = preset.models[spec.task]
     model: nn.Module
-    if spec.task == "classification":
-        model = classifier(preset.width, preset.blocks).to(device)
+    if spec.task != "barlow_twins":
+        model = classifier(size.width, size.blocks).to(device)
         probe_y = data.y_train[: preset.probe.num_samples]
 
         def batch_loss(x: Tensor, y: Tensor) -> Tensor:
@@ -348,7 +400,7 @@ def run(
         def probe_loss() -> Tensor:
             return F.cross_entropy(model(probe_x), probe_y)
     else:
-        net = BarlowTwinsNet(preset.width, preset.blocks, preset.projection_dim).to(device)
+        net = BarlowTwinsNet(size.width, size.blocks, preset.projection_dim).to(device)
         model = net
         views = torch.Generator(device=device).manual_seed(0)
         probe_views = (augment(probe_x, views), augment(probe_x, views))
@@ -388,7 +440,7 @@ def run(
     end = _probe(model, probe_loss, preset, step) if not diverged else None
     probe_seconds += end.seconds if end else 0.0
     model.eval()
-    if spec.task == "classification":
+    if spec.task != "barlow_twins":
         measured = torch.stack(
             [
                 accuracy(model, data.x_train, data.y_train),
@@ -431,4 +483,6 @@ def run(
         "probe_seconds": f"{probe_seconds:.2f}",
         "wall_seconds": f"{time.perf_counter() - start:.2f}",
         "device": device.type,
+        "model_params": sum(p.numel() for p in model.parameters()),
+        "code_version": code_version(),
     }
