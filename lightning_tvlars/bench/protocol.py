@@ -318,7 +318,7 @@ class Preset:
         return replace(
             self,
             name=f"{self.name}-quick",
-            batch_sizes=dict.fromkeys(self.batch_sizes, (32, 128)),
+            batch_sizes={t: (32, 128) if t == "classification" else (128,) for t in self.tasks},
             epochs=dict.fromkeys(self.epochs, 1),
             num_samples=1_000,
             val_size=100,
@@ -435,7 +435,7 @@ def within_noise(best: float, other: float, n: int, seeds: int) -> bool:
     """Whether validation accuracy ``other`` is within one standard error of the difference
     from ``best``: binomial errors of two means over ``seeds`` runs of ``n`` samples each,
     ``sqrt((p_b (1 - p_b) + p_o (1 - p_o)) / (n seeds))``."""
-    variance = best * (1 - best) + other * (1 - other)
+    variance = sum(min(max(p, 0.0), 1.0) * (1 - min(max(p, 0.0), 1.0)) for p in (best, other))
     return best - other <= math.sqrt(variance / (n * seeds))
 
 
