@@ -18,10 +18,11 @@ writes the batch-scaled rate once, when it is built, and never again. It also ow
 (a fixed :class:`~lightning_tvlars.SigmoidPhase`), or none.
 
 The learning rate is written into the groups before every optimizer step (an optimizer
-step-pre hook) and after :meth:`~TVLARSScheduler.step`, so the rate a step applies is always
-the rate of its own ``t``, whether or not ``step()`` was called. A rate that something else
-wrote (a second scheduler, a callback) is refused at the next step: two owners of the learning
-rate are never silently combined.
+step-pre hook), after it (a step-post hook: the rate of the next step) and after
+:meth:`~TVLARSScheduler.step`, so the rate a step applies is always the rate of its own ``t``
+and the groups show it between steps, whether or not ``step()`` is called. A rate that
+something else wrote (a second scheduler, a callback) is refused at the next step: two owners
+of the learning rate are never silently combined.
 
 The run a schedule is planned for can change (a resume into a longer run, another batch size
 or device count, an accumulation schedule, a time budget). :meth:`~TVLARSScheduler.plan_for`
@@ -221,6 +222,7 @@ class TVLARSScheduler(LRScheduler):
         if self.external:
             self._hand_over_the_rate()
         optimizer.register_step_pre_hook(self._before_step)
+        optimizer.register_step_post_hook(self._after_step)
 
     def _hand_over_the_rate(self) -> None:
         """``external``: write the batch-scaled rate once, as the groups' rate and their
@@ -380,6 +382,12 @@ class TVLARSScheduler(LRScheduler):
                         "lr_schedule='cosine' or 'polynomial'); change the base rate with "
                         "set_base_lr"
                     )
+        self._apply()
+
+    def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """After every optimizer step: write the rate of the next one, so that the groups show
+        the rate the next step applies whether or not ``step()`` is called (manual
+        optimization, a loop of one's own)."""
         self._apply()
 
     @property
