@@ -18,10 +18,11 @@ writes the batch-scaled rate once, when it is built, and never again. It also ow
 (a fixed :class:`~lightning_tvlars.SigmoidPhase`), or none.
 
 The learning rate is written into the groups before every optimizer step (an optimizer
-step-pre hook) and after :meth:`~TVLARSScheduler.step`, so the rate a step applies is always
-the rate of its own ``t``, whether or not ``step()`` was called. A rate that something else
-wrote (a second scheduler, a callback) is refused at the next step: two owners of the learning
-rate are never silently combined.
+step-pre hook), after it (a step-post hook: the rate of the next step) and after
+:meth:`~TVLARSScheduler.step`, so the rate a step applies is always the rate of its own ``t``
+and the groups show it between steps, whether or not ``step()`` is called. A rate that
+something else wrote (a second scheduler, a callback) is refused at the next step: two owners
+of the learning rate are never silently combined.
 
 The run a schedule is planned for can change (a resume into a longer run, another batch size
 or device count, an accumulation schedule, a time budget). :meth:`~TVLARSScheduler.plan_for`
@@ -218,15 +219,23 @@ class TVLARSScheduler(LRScheduler):
         self._written: list[float] | None = None  # what this scheduler last wrote into the groups
         super().__init__(optimizer)
         self._install_phase()
-        if self.external:  # the batch-scaled rate, once: the user's scheduler starts from it
-            self._write(
-                [
-                    float(b) * self._group_scale(i) * self.batch_scale
-                    for i, b in enumerate(self.base_lrs)
-                ]
-            )
-            self._written = None
+        if self.external:
+            self._hand_over_the_rate()
         optimizer.register_step_pre_hook(self._before_step)
+        optimizer.register_step_post_hook(self._after_step)
+
+    def _hand_over_the_rate(self) -> None:
+        """``external``: write the batch-scaled rate once, as the groups' rate and their
+        ``initial_lr``, the rate torch's schedulers start from (``LambdaLR``, ``SequentialLR``
+        and the closed forms read ``initial_lr``; without it they would start from the
+        unscaled base rate)."""
+        scaled = [
+            float(b) * self._group_scale(i) * self.batch_scale for i, b in enumerate(self.base_lrs)
+        ]
+        self._write(scaled)
+        for group, lr in zip(self.optimizer.param_groups, scaled, strict=True):
+            group["initial_lr"] = lr
+        self._written = None
 
     # ------------------------------------------------------------------ the plan
 
@@ -375,6 +384,12 @@ class TVLARSScheduler(LRScheduler):
                     )
         self._apply()
 
+    def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        """After every optimizer step: write the rate of the next one, so that the groups show
+        the rate the next step applies whether or not ``step()`` is called (manual
+        optimization, a loop of one's own)."""
+        self._apply()
+
     @property
     def paused(self) -> bool:
         return self._paused is not None and self._paused()
@@ -436,7 +451,7 @@ class TVLARSScheduler(LRScheduler):
                 "docs/run-changes.md, 'Extending a finished run')"
             )
         phase = plan.phase
-        what = "phase unchanged"
+        what = "no phase" if phase is None else "phase unchanged"
         if self.fitted is not None and total_steps is not None and phase is not None:
             phase = phase.continued(t, total_steps, decayed_by_end=self.fitted.decayed_by_end)
             if phase is plan.phase:
@@ -445,8 +460,12 @@ class TVLARSScheduler(LRScheduler):
                 what = f"phase continues from {phase(t):.4g} to {phase(total_steps):.4g} at the end"
         value = self.lr_factor(t)
         warmup = self._warmup(total_steps)
-        if warmup != plan.warmup_steps and t < max(warmup, plan.warmup_steps):
-            what += f", warm-up continues to step {max(warmup, t)}"
+        if t >= plan.warmup_steps:  # a warm-up that has ended does not start again
+            warmup = plan.warmup_steps
+        elif warmup > t:
+            what += f", warm-up continues to step {warmup}"
+        else:
+            what += f", warm-up ends now (at {value:.4g} x the peak)"
         if self.lr_schedule in ANNEALING:
             what += f", {self.lr_schedule} continues to the new end"
         self.changes.append(
@@ -522,7 +541,10 @@ class TVLARSScheduler(LRScheduler):
         if plan.warmup_steps:
             parts.append(f"linear warm-up over {plan.warmup_steps} steps")
         if self.external:
-            parts.append("learning rate: your scheduler's")
+            parts.append(
+                "learning rate: your scheduler's (it starts from the batch-scaled rate; "
+                "TVLARS keeps the phase)"
+            )
         elif self.lr_schedule in ANNEALING:
             power = f" (power {self.lr_power:g})" if self.lr_schedule == "polynomial" else ""
             parts.append(f"{self.lr_schedule}{power} LR to {self.final_lr_ratio:g} x the peak")

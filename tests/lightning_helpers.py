@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_tvlars import PhaseConfig, TVLARSConfig, TVLARSMixin, TVLARSMonitor
+from lightning_tvlars.optim.base import LayerwiseOptimizer
 
 #: rtol / atol of the float64 equivalence checks: a reduction-order difference of ~1e-16 per
 #: operation, amplified by 6 steps of the chain rule and the trust ratio, stays below 1e-12;
@@ -69,6 +71,97 @@ class TinyRegressor(TVLARSMixin, pl.LightningModule):
         kwargs: dict[str, Any] = getattr(self.trainer.strategy, "distributed_sampler_kwargs", {})
         sampler = DistributedSampler(data, shuffle=False, **kwargs) if kwargs else None
         return DataLoader(data, batch_size=self.hparams.batch_size, sampler=sampler)
+
+
+def cpu_trainer(tmp_path: Path, **kwargs: Any) -> pl.Trainer:
+    """A quiet one-process CPU Trainer (no logger, checkpoints, progress bar or summary)."""
+    defaults: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+    }
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+class Record(pl.Callback):
+    """Per optimizer step of every optimizer of the family (TVLARS, LAMB): ``(t, phi, lr)`` as
+    applied (the first adapted tensor's rate), and each tensor's rate as its group showed it at
+    the start of every batch before step ``t`` (what a logger or a user reads there)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, list[tuple[int, float, float]]] = {}
+        self.applied: dict[int, dict[int, dict[int, float]]] = {}
+        self.shown: dict[int, dict[int, list[dict[int, float]]]] = {}
+
+    @staticmethod
+    def _family(trainer: pl.Trainer) -> list[tuple[int, LayerwiseOptimizer]]:
+        optimizers = enumerate(trainer.optimizers)
+        return [(i, o) for i, o in optimizers if isinstance(o, LayerwiseOptimizer)]
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        for index, opt in self._family(trainer):
+            rates = {id(p): float(g["lr"]) for g in opt.param_groups for p in g["params"]}
+            self.shown.setdefault(index, {}).setdefault(opt.step_count, []).append(rates)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        for index, opt in self._family(trainer):
+            stats = opt.last_step_stats
+            rows = self.steps.setdefault(index, [])
+            if stats is not None and stats.params and (not rows or rows[-1][0] != stats.step):
+                lr = next(lr for lr, a in zip(stats.lr, stats.adapted, strict=True) if a)
+                rows.append((stats.step, float(stats.phase), lr))
+                applied = {id(p): float(r) for p, r in zip(stats.params, stats.lr, strict=True)}
+                self.applied.setdefault(index, {})[stats.step] = applied
+
+    def phases(self, index: int = 0) -> list[float]:
+        return [phi for _, phi, _ in self.steps[index]]
+
+    def lrs(self, index: int = 0) -> list[float]:
+        return [lr for _, _, lr in self.steps[index]]
+
+    def assert_applied_as_shown(self, index: int = 0) -> None:
+        """Every step applied exactly the rates its groups showed before it (at the start of
+        each of its batches)."""
+        applied, shown = self.applied[index], self.shown[index]
+        assert applied, "no step was recorded"
+        for t, rates in applied.items():
+            assert t in shown, f"step {t}: no batch started before it"
+            for seen in shown[t]:
+                assert {k: seen[k] for k in rates} == rates, f"step {t}: {seen} != {rates}"
+
+
+#: The forms of the family the run-change tests run with: TVLARS (a phase fitted to the run,
+#: constant LR), and the warm-up forms (LARS and LAMB without a phase: a linear warm-up over
+#: a quarter of the run, then a cosine).
+FORMS: dict[str, dict[str, Any]] = {
+    "tvlars": {},
+    "warmup": {"phase": PhaseConfig(mode="off"), "warmup_fraction": 0.25, "lr_schedule": "cosine"},
+    "lamb-warmup": {
+        "optimizer": "lamb",
+        "phase": PhaseConfig(mode="off"),
+        "warmup_fraction": 0.25,
+        "lr_schedule": "cosine",
+    },
+}
+
+
+def form(name: str, **options: Any) -> TVLARSConfig:
+    """The config of form ``name`` with ``options`` on top."""
+    return TVLARSConfig(**{**FORMS[name], **options})
+
+
+def warmup_cosine(t: int, total: int, final: float = 1e-3, fraction: float = 0.25) -> float:
+    """The warm-up forms' LR factor at step ``t`` of a ``total``-step run, written out: a linear
+    rise ``(t + 1) / (w + 1)`` over ``w = round(fraction x total)`` steps, then a cosine from 1
+    to ``final`` at ``total``."""
+    w = round(fraction * total)
+    if t < w:
+        return (t + 1) / (w + 1)
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * (t - w) / (total - w)))
 
 
 class MemoryLogger(Logger):

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_tvlars.lightning._compat import lightning_classes
-from lightning_tvlars.lightning.run import run_facts, time_budget
+from lightning_tvlars.lightning.run import describe_seconds, run_facts, time_budget
 from lightning_tvlars.lightning.sync import ScheduleSync, guard_lr_sweeps
 from lightning_tvlars.lightning.teardown import EndProcessGroupAtExit
 from lightning_tvlars.recipe import (
@@ -89,7 +89,7 @@ def configure_tvlars(
     ScheduleSync.register(trainer, scheduler, config, batch_size)
     EndProcessGroupAtExit.register(trainer)
     guard_lr_sweeps(scheduler, trainer)
-    plan = describe_plan(scheduler, facts)
+    plan = describe_plan(scheduler, facts) + _time_budget_note(trainer, config)
     if getattr(module, "_tvlars_fitted_before", False):
         plan += " A new fit: the schedule starts again at step 0 (to continue a run: ckpt_path)."
     module.__dict__["_tvlars_fitted_before"] = True
@@ -98,6 +98,18 @@ def configure_tvlars(
         "optimizer": optimizer,
         "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
     }
+
+
+def _time_budget_note(trainer: pl.Trainer, config: TVLARSConfig) -> str:
+    """What a ``max_time`` limit does to the plan (nothing when ``total_steps`` is stated)."""
+    budget = time_budget(trainer)
+    if budget is None or config.total_steps is not None:
+        return ""
+    return (
+        f" Time budget: Trainer(max_time={describe_seconds(budget)}); the run length is "
+        "re-planned from the measured step rate, so that the schedule ends when the time runs "
+        "out."
+    )
 
 
 def _refuse_an_unknown_time_budget(

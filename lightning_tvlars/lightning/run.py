@@ -18,6 +18,7 @@ take, so they are read here from the run's settings:
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 from typing import Any
 
 import lightning.pytorch as pl
@@ -83,6 +84,22 @@ def epoch_lengths(trainer: pl.Trainer) -> tuple[int, ...]:
     return tuple(max(1, math.ceil(batches / accumulation(trainer, e))) for e in range(epochs))
 
 
+def describe_seconds(seconds: float) -> str:
+    """A duration for a log line: ``2.87 s`` below 100 s, ``1:23:20`` above."""
+    if seconds < 100:
+        return f"{seconds:.3g} s"
+    return str(timedelta(seconds=round(seconds)))
+
+
+def time_bound(trainer: pl.Trainer, seconds_per_step: float | None, step: int) -> int | None:
+    """The optimizer steps the run reaches when ``max_time`` runs out, at ``seconds_per_step``
+    from ``step`` on (None: no ``max_time``, or no rate measured yet)."""
+    remaining = time_budget(trainer)
+    if remaining is None or not seconds_per_step:
+        return None
+    return max(step + 1, step + math.floor(remaining / seconds_per_step))
+
+
 def run_facts(
     trainer: pl.Trainer,
     batch_size: int | None = None,
@@ -90,6 +107,7 @@ def run_facts(
     *,
     seconds_per_step: float | None = None,
     step: int = 0,
+    epoch_start: tuple[int, int] | None = None,
 ) -> RunFacts:
     """Read the run from an attached trainer (loads the training data if needed).
 
@@ -98,6 +116,9 @@ def run_facts(
         optimizers: optimizers that step once per batch (they share ``max_steps``).
         seconds_per_step, step: the measured rate of this run's steps and the optimizer's step
             now, for a ``max_time`` limit (without a rate it bounds nothing yet).
+        epoch_start: ``(epoch, steps taken before it)`` at the start of an epoch: the epochs
+            done count with the steps they really took (data whose length changed), the rest
+            with their planned length.
     """
     if trainer.train_dataloader is None:
         trainer.fit_loop.setup_data()
@@ -105,12 +126,13 @@ def run_facts(
     per_epoch = epoch_lengths(trainer)
     bounds = []
     if per_epoch and trainer.max_epochs not in (None, -1):
-        bounds.append(sum(per_epoch))
+        epoch, done = epoch_start if epoch_start is not None else (0, 0)
+        bounds.append(max(1, done + sum(per_epoch[epoch:])))
     if trainer.max_steps != -1:
         bounds.append(max(1, trainer.max_steps // max(1, optimizers)))
-    remaining = time_budget(trainer)
-    if remaining is not None and seconds_per_step:
-        bounds.append(max(step + 1, step + math.floor(remaining / seconds_per_step)))
+    by_time = time_bound(trainer, seconds_per_step, step)
+    if by_time is not None:
+        bounds.append(by_time)
     return RunFacts(
         total_steps=min(bounds) if bounds else None,
         per_device_batch_size=per_device,
