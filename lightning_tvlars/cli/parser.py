@@ -318,6 +318,13 @@ def _allowed(expected: str) -> str:
     return expected.removeprefix("a ")
 
 
+#: Lines of jsonargparse's report that say where, not what (the flag is built from the keys).
+_STRUCTURE = re.compile(
+    r"\s*(?:- )?(?:Parser key|Given value|Subtypes:|Errors:|Does not validate|Problem with given"
+    r"|Expected a <class 'NoneType'>)"
+)
+
+
 def one_line_error(message: str) -> str:
     """jsonargparse's nested error report, as one line: the flag, the value, what is allowed."""
     keys = re.findall(r'Parser key "([^"]+)"', message)
@@ -326,16 +333,26 @@ def one_line_error(message: str) -> str:
     if got and flag:
         return f"{flag}={got.group(2).strip()} is invalid: expected {_allowed(got.group(1))}"
     option = re.search(r"Option '([^']+)' is not accepted", message)
-    if keys and not option:  # nested in a Union (jsonargparse < 4.4x): "--name=value"
+    if keys and not option:  # in a Union (TVLARSConfig | None, jsonargparse 4.27): "--name=value"
         option = re.search(r"[Uu]nrecognized arguments: --([\w.]+)", message)
     if option:
         return f"{flag}.{option.group(1)} is not an option (see --help)".lstrip(".")
-    # "Given value: X" in recent jsonargparse releases, "... import path string: X" in older ones
-    given = re.findall(r"Given value: (.*)", message) or re.findall(
-        r"Expected a dot import path string: (.*)", message
-    )
-    expected = re.findall(r"- Expected (a <class '[^']+'>)", message)
-    if flag and expected and given:
+    # The innermost key's report, up to its value: a Union's subtypes, each "- Expected a <class
+    # 'X'>", then "Given value: V" (a TVLARSConfig | None around it adds its own, after it).
+    report, *values = message.rsplit('Parser key "', 1)[-1].split("Given value:", 2)
+    given = values[0].splitlines()[0].strip() if values else None
+    expected = re.findall(r"- Expected (a <class '[^']+'>)", report)
+    if flag and given is not None and any("NoneType" not in e for e in expected):
         allowed = " or ".join(_allowed(e) for e in expected)
-        return f"{flag}={given[-1].strip()} is invalid: expected {allowed}"
+        return f"{flag}={given} is invalid: expected {allowed}"
+    if flag:  # another reason: its last line, with the value when the report has it
+        reasons = [
+            line.strip()
+            for line in message.splitlines()
+            if line.strip() and not _STRUCTURE.match(line)
+        ]
+        nested = re.search(r"NestedArg\(key='[^']*', val=(.*)\)\s*$", message, re.M)
+        value = "=" + nested.group(1).strip("'") if nested else ""
+        if reasons:
+            return f"{flag}{value} is invalid: {reasons[-1]}"
     return " ".join(message.split())

@@ -505,6 +505,8 @@ USER_ERRORS = {
     "'lars', 'lamb'",
     "--model.tvlars.betas=[0.8,0.9]": "--model.tvlars.betas=(0.8, 0.9) has no effect with "
     "optimizer='lars': remove it or change that choice",
+    "--model.tvlars.total_steps=1.5": "--model.tvlars.total_steps=1.5 is invalid: expected an "
+    "integer or null",
     "--data.batch_size=0": "--data.batch_size=0 is invalid: expected an int > 0",
 }
 QUIET = [
