@@ -13,31 +13,28 @@ A wrong value is reported in one line naming the flag, the value and what is all
 ends with where its logs and checkpoints are and how to look at them.
 
 Your own module gets the same ``--model.tvlars.*`` flags from any LightningCLI when it takes a
-``tvlars: TVLARSConfig`` argument; :class:`TVLARSCLI` adds ``--monitor.*``.
+``tvlars: TVLARSConfig`` argument, and the same one-line errors with
+``LightningCLI(MyModel, MyData, parser_class=TVLARSParser)``
+(:mod:`lightning_tvlars.cli.parser`); :class:`TVLARSCLI` adds ``--monitor.*`` and defaults.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import re
-import sys
 import textwrap
-from collections.abc import Callable
-from typing import Any, get_type_hints
+from typing import Any
 
 import lightning.pytorch as pl
-from jsonargparse import ArgumentError, ArgumentParser, DefaultHelpFormatter, Namespace
+from jsonargparse import ArgumentParser, DefaultHelpFormatter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_tvlars.lightning.mixin import TVLARSMixin
+from lightning_tvlars.cli.parser import TVLARSParser
 from lightning_tvlars.lightning.monitor import TVLARSMonitor
 from lightning_tvlars.lightning.teardown import EndProcessGroupAtExit
-from lightning_tvlars.optim.groups import GroupOverride
-from lightning_tvlars.recipe import TVLARSConfig, groups_for
 
 #: The models of the ``lightning-tvlars fit --model NAME`` choice, by class name.
 MODELS = {
@@ -46,10 +43,6 @@ MODELS = {
     "GAN1D": "lightning_tvlars.examples.gan.GAN1D",
 }
 DEFAULT_MODEL = "MNIST1DClassifier"
-
-
-class CLIError(Exception):
-    """A wrong command line, already phrased for the user (one line)."""
 
 
 class CommandListFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
@@ -65,9 +58,10 @@ def _import(path: str) -> Any:
     return getattr(__import__(module, fromlist=[name]), name)
 
 
-class TVLARSArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser; in model-choice mode ``--help`` also lists the default model's
-    options (jsonargparse shows only ``--model.help`` for a choice of class)."""
+class ModelChoiceParser(TVLARSParser):
+    """:class:`~lightning_tvlars.cli.parser.TVLARSParser` (one-line errors); in model-choice
+    mode ``--help`` also lists the default model's options (jsonargparse shows only
+    ``--model.help`` for a choice of class) and a wrong ``--model`` names the choices."""
 
     model_help_class: type | None = None
 
@@ -76,6 +70,18 @@ class TVLARSArgumentParser(LightningArgumentParser):
         if self.model_help_class is None:
             return text
         return text + "\n" + model_options_help(self.model_help_class)
+
+    def one_line_error(self, message: str) -> str:
+        keys = re.findall(r'Parser key "([^"]+)"', message)
+        if "Expected a dot import path string" in message and keys == ["model"]:
+            given = re.findall(r"Given value: (.*)", message) or re.findall(
+                r"Expected a dot import path string: (.*)", message
+            )
+            return (
+                f"--model={given[-1].strip() if given else '?'} is invalid: expected one of "
+                f"{', '.join(MODELS)} or the import path of a LightningModule"
+            )
+        return super().one_line_error(message)
 
 
 def model_options_help(model_class: type) -> str:
@@ -118,14 +124,10 @@ class TVLARSCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_class", TVLARSArgumentParser)
+        # one-line errors (TVLARSParser), and the default model's options in --help
+        kwargs.setdefault("parser_class", ModelChoiceParser)
         if default_model is not None:
             kwargs.setdefault("subclass_mode_model", True)
-        # Parse errors raise here instead of printing 40 lines of usage: see parse_arguments.
-        parser_kwargs = dict(kwargs.pop("parser_kwargs", None) or {})
-        parser_kwargs.setdefault("exit_on_error", False)
-        for subcommand in self.subcommands():
-            parser_kwargs.setdefault(subcommand, {}).setdefault("exit_on_error", False)
         trainer_defaults = {
             "max_epochs": 5,
             "log_every_n_steps": 10,
@@ -135,7 +137,6 @@ class TVLARSCLI(LightningCLI):
             model_class,
             datamodule_class,
             trainer_defaults=trainer_defaults,
-            parser_kwargs=parser_kwargs,
             **kwargs,
         )
 
@@ -143,76 +144,8 @@ class TVLARSCLI(LightningCLI):
         parser.add_lightning_class_args(TVLARSMonitor, "monitor")
         if self.default_model is not None:
             parser.set_defaults({"model": {"class_path": self.default_model}})
-            if isinstance(parser, TVLARSArgumentParser):
+            if isinstance(parser, ModelChoiceParser):
                 parser.model_help_class = _import(self.default_model)
-
-    # ------------------------------------------------------------------ errors in one line
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        words = sys.argv[1:] if args is None else args
-        if isinstance(words, list):
-            self._command = next((w for w in words if w in self.subcommands()), None)
-        try:
-            super().parse_arguments(parser, args)
-        except ArgumentError as err:
-            self._exit_with(one_line_error(str(err)))
-        self._check_tvlars_configs()
-
-    def _check_tvlars_configs(self) -> None:
-        """Check every ``TVLARSConfig`` of the model now, to name the flag of a bad value
-        (instantiation would raise a traceback without it)."""
-        subcommand = self.config.get("subcommand")
-        config = self.config[subcommand] if subcommand else self.config
-        model = config.get("model")
-        if not isinstance(model, Namespace):
-            return
-        if "class_path" in model:
-            model_class, init_args = _import(model["class_path"]), model.get("init_args")
-        else:
-            model_class, init_args = self.model_class, model
-        if not isinstance(init_args, Namespace) or not callable(model_class):
-            return
-        for name in tvlars_parameters(model_class):
-            value = init_args.get(name)
-            if isinstance(value, Namespace):
-                try:
-                    check_config(value.as_dict())
-                except (ValueError, TypeError) as err:
-                    self._exit_with(flag_error(f"model.{name}", str(err)))
-
-    def instantiate_classes(self) -> None:
-        """A bad value that only the class's own checks catch (``--data.batch_size 0``) ends
-        the command with one line naming the flag, not a traceback."""
-        try:
-            super().instantiate_classes()
-        except (ValueError, TypeError) as err:
-            # jsonargparse re-raises a subclass's error as the cause of its own report
-            chain = [err]
-            while isinstance(chain[-1].__cause__, (ValueError, TypeError)):
-                chain.append(chain[-1].__cause__)
-            for cause in reversed(chain):
-                section = _raising_section(cause)
-                if section is not None:
-                    self._exit_with(flag_error(section, str(cause)))
-            raise
-
-    def after_instantiate_classes(self) -> None:
-        """A mixin model's patterns (select, exclude, include, overrides) must match its
-        parameters: check them before training, to name the flag."""
-        model = getattr(self, "model", None)
-        if isinstance(model, TVLARSMixin) and (
-            type(model).configure_optimizers is TVLARSMixin.configure_optimizers
-        ):
-            try:
-                groups_for(model, model.tvlars_config)  # type: ignore[arg-type]
-            except (ValueError, TypeError) as err:
-                self._exit_with(flag_error("model.tvlars", str(err)))
-
-    def _exit_with(self, message: str) -> None:
-        prog = self.parser.prog.replace(" [options]", "")
-        command = getattr(self, "_command", None)
-        sys.stderr.write(f"{prog}{' ' + command if command else ''}: error: {message}\n")
-        sys.exit(2)
 
     # ------------------------------------------------------------------ the run
 
@@ -228,108 +161,6 @@ class TVLARSCLI(LightningCLI):
         """Say where the run's logs and checkpoints are and how to look at them."""
         if self.trainer.is_global_zero:
             print(run_summary(self.trainer), flush=True)
-
-
-def _raising_section(err: BaseException) -> str | None:
-    """The config section (``data``, ``model``, ``monitor``) whose class raised ``err`` while
-    being built: the innermost ``self`` of the traceback that is one of those classes."""
-    sections = (
-        (pl.LightningDataModule, "data"),
-        (pl.LightningModule, "model"),
-        (TVLARSMonitor, "monitor"),
-    )
-    found = None
-    frame = err.__traceback__
-    while frame is not None:
-        owner = frame.tb_frame.f_locals.get("self")
-        for cls, name in sections:
-            if isinstance(owner, cls):
-                found = name
-        frame = frame.tb_next
-    return found
-
-
-def tvlars_parameters(model_class: Callable[..., Any]) -> list[str]:
-    """The ``__init__`` parameters of ``model_class`` typed ``TVLARSConfig`` (or Optional)."""
-    init = getattr(model_class, "__init__", model_class)
-    try:
-        hints = get_type_hints(init)
-    except Exception:  # unresolvable annotations: nothing to check ahead
-        return []
-    names = []
-    for name in inspect.signature(init).parameters:
-        hint = hints.get(name)
-        if hint is TVLARSConfig or TVLARSConfig in getattr(hint, "__args__", ()):
-            names.append(name)
-    return names
-
-
-def check_config(values: dict[str, Any]) -> TVLARSConfig:
-    """Build a ``TVLARSConfig`` from parsed values, naming the override of a bad value."""
-    overrides = []
-    for index, override in enumerate(values.pop("overrides", None) or []):
-        fields = override.as_dict() if isinstance(override, Namespace) else override
-        try:
-            overrides.append(
-                fields if isinstance(fields, GroupOverride) else GroupOverride(**fields)
-            )
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"overrides[{index}].{err}") from err
-    return TVLARSConfig(**values, overrides=overrides)
-
-
-_LEADING_NAME = re.compile(r"^([A-Za-z_][\w.\[\]]*)=")
-
-
-def flag_error(prefix: str, message: str) -> str:
-    """``lr=-1.0 is invalid: ...`` of the config at ``prefix`` -> ``--prefix.lr=-1.0 is ...``."""
-    if _LEADING_NAME.match(message):
-        return f"--{prefix}.{message}"
-    return f"--{prefix}: {message}"
-
-
-def _allowed(expected: str) -> str:
-    """jsonargparse's type names in words: ``typing.Literal['a', 'b']`` -> ``one of 'a', 'b'``."""
-    literal = re.fullmatch(r"(?:a )?typing\.Literal\[(.*)\]", expected)
-    if literal:
-        return f"one of {literal.group(1)}"
-    names = re.findall(r"<class '(?:[\w.]+\.)?(\w+)'>", expected)
-    words = {
-        "int": "an integer",
-        "float": "a number",
-        "bool": "true or false",
-        "str": "a string",
-        "NoneType": "null",
-    }
-    if names:
-        return " or ".join(words.get(n, n) for n in names)
-    return expected.removeprefix("a ")
-
-
-def one_line_error(message: str) -> str:
-    """jsonargparse's nested error report, as one line: the flag, the value, what is allowed."""
-    keys = re.findall(r'Parser key "([^"]+)"', message)
-    flag = "--" + ".".join(keys) if keys else ""
-    got = re.search(r"Expected (.+?)\. Got value: (.*)", message)
-    if got and flag:
-        return f"{flag}={got.group(2).strip()} is invalid: expected {_allowed(got.group(1))}"
-    option = re.search(r"Option '([^']+)' is not accepted", message)
-    if option:
-        return f"{flag}.{option.group(1)} is not an option (see --help)".lstrip(".")
-    # "Given value: X" in recent jsonargparse releases, "... import path string: X" in older ones
-    given = re.findall(r"Given value: (.*)", message) or re.findall(
-        r"Expected a dot import path string: (.*)", message
-    )
-    if "Expected a dot import path string" in message and flag == "--model":
-        return (
-            f"--model={given[-1].strip() if given else '?'} is invalid: expected one of "
-            f"{', '.join(MODELS)} or the import path of a LightningModule"
-        )
-    expected = re.findall(r"- Expected (a <class '[^']+'>)", message)
-    if flag and expected and given:
-        allowed = " or ".join(_allowed(e) for e in expected)
-        return f"{flag}={given[-1].strip()} is invalid: expected {allowed}"
-    return " ".join(message.split())
 
 
 def _short(path: str | os.PathLike[str]) -> str:

@@ -9,7 +9,9 @@ Inherit it before ``LightningModule`` (from ``lightning.pytorch`` or the standal
             self.save_hyperparameters()
 
 (With ``tvlars: TVLARSConfig = DEFAULT``, a module-level ``TVLARSConfig()``, LightningCLI's
-``--help`` and ``--print_config`` show every field.)
+``--help`` and ``--print_config`` show every field; with ``| None = None``, ``--help`` shows
+them with ``LightningCLI(..., parser_class=TVLARSParser)`` from :mod:`lightning_tvlars.cli`,
+which also reports a bad value in one line.)
 
 ``save_hyperparameters`` validates ``tvlars`` (a ``TVLARSConfig`` or a mapping) when the
 module is built; ``configure_optimizers`` then calls :func:`~lightning_tvlars.configure_tvlars`

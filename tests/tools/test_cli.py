@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import subprocess
@@ -429,3 +430,177 @@ def test_the_summary_starts_with_the_last_validation_metrics() -> None:
     assert run_summary(trainer).splitlines()[0] == "Last validation: val/acc 0.9876, val/loss 0.05"
     trainer.callback_metrics = {"train/loss": torch.tensor(1.0)}  # no validation ran
     assert "Last validation" not in run_summary(trainer)
+
+
+# ---------------------------------------------------------------------- a user's own LightningCLI
+
+#: A user's script: their module (with the mixin) and data, and a plain LightningCLI with the one
+#: line that gives one-line errors (the negative control runs it without that argument).
+USER_SCRIPT = """
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_tvlars import TVLARSConfig, TVLARSMixin
+from lightning_tvlars.cli import TVLARSParser
+
+
+class MyData(pl.LightningDataModule):
+    def __init__(self, batch_size: int = 16):
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size} is invalid: expected an int > 0")
+        self.batch_size = batch_size
+
+    def train_dataloader(self):
+        data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+        return torch.utils.data.DataLoader(data, batch_size=self.batch_size)
+
+
+class MyModel(TVLARSMixin, pl.LightningModule):
+    def __init__(self, hidden: int = 8, SIGNATURE):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)
+        )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+
+if __name__ == "__main__":
+    LightningCLI(MyModel, MyData, parser_class=TVLARSParser)
+"""
+
+#: Runs each (script, args) as ``python script args`` would, in one process (one start-up for
+#: all): exit code, stdout, stderr (an uncaught exception: its traceback, code 1).
+DRIVER = """
+import contextlib, io, json, runpy, sys, traceback
+
+runs, results_path, results = sys.argv[1], sys.argv[2], []
+for script, args in json.load(open(runs)):
+    sys.argv = [script, *args]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    results.append({"code": code, "out": out.getvalue(), "err": err.getvalue()})
+json.dump(results, open(results_path, "w"))
+"""
+
+#: The signatures the docs use: a default instance (or a module-level one, the same to
+#: jsonargparse) and the mixin's ``| None = None``.
+SIGNATURES = {
+    "default": "tvlars: TVLARSConfig = TVLARSConfig()",
+    "optional": "tvlars: TVLARSConfig | None = None",
+}
+USER_ERRORS = {
+    "--model.tvlars.lr=-1": "--model.tvlars.lr=-1.0 is invalid: expected a finite number > 0",
+    "--model.tvlars.phase.mode=fited": "--model.tvlars.phase.mode=fited is invalid: expected "
+    "one of 'fitted', 'explicit', 'off'",
+    "--model.tvlars.phase.decay=0.1": "--model.tvlars.phase.decay=0.1 has no effect with "
+    "phase.mode='fitted': remove it or change that choice",
+    "--model.tvlars.optimizer=adam": "--model.tvlars.optimizer=adam is invalid: expected one of "
+    "'lars', 'lamb'",
+    "--model.tvlars.betas=[0.8,0.9]": "--model.tvlars.betas=(0.8, 0.9) has no effect with "
+    "optimizer='lars': remove it or change that choice",
+    "--model.tvlars.total_steps=1.5": "--model.tvlars.total_steps=1.5 is invalid: expected an "
+    "integer or null",
+    "--data.batch_size=0": "--data.batch_size=0 is invalid: expected an int > 0",
+}
+QUIET = [
+    "--trainer.accelerator=cpu",
+    "--trainer.logger=false",
+    "--trainer.enable_checkpointing=false",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+@pytest.fixture(scope="module")
+def user_cli(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], dict]:
+    """Every run of the user's script, by (signature or "without", case), from one process."""
+    folder = tmp_path_factory.mktemp("user_cli")
+    runs: dict[tuple[str, str], tuple[str, list[str]]] = {}
+    for name, signature in SIGNATURES.items():
+        script = folder / f"train_{name}.py"
+        script.write_text(USER_SCRIPT.replace("SIGNATURE", signature))
+        runs[name, "help"] = (str(script), ["fit", "--help"])
+        runs[name, "lr 2"] = (str(script), ["fit", "--model.tvlars.lr", "2", "--print_config"])
+        for flag in USER_ERRORS:
+            runs[name, flag] = (str(script), ["fit", flag, *QUIET])
+        root = f"--trainer.default_root_dir={folder / name}"
+        runs[name, "fit"] = (str(script), ["fit", "--trainer.max_steps=2", root, *QUIET])
+    plain = folder / "train_without.py"  # the same script without the one line
+    plain.write_text(
+        USER_SCRIPT.replace("SIGNATURE", SIGNATURES["default"]).replace(
+            ", parser_class=TVLARSParser", ""
+        )
+    )
+    runs["without", "lr -1"] = (str(plain), ["fit", "--model.tvlars.lr=-1", *QUIET])
+    (folder / "runs.json").write_text(json.dumps(list(runs.values())))
+    (folder / "driver.py").write_text(DRIVER)
+    run = subprocess.run(
+        [sys.executable, "driver.py", "runs.json", "results.json"],
+        cwd=folder,
+        # the same lightning_tvlars as this test imported
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return dict(zip(runs, json.loads((folder / "results.json").read_text()), strict=True))
+
+
+@pytest.mark.parametrize("signature", SIGNATURES)
+@pytest.mark.parametrize("flag", USER_ERRORS)
+def test_a_users_lightning_cli_with_tvlars_parser_reports_a_bad_value_in_one_line(
+    user_cli: dict[tuple[str, str], dict], signature: str, flag: str
+) -> None:
+    result = user_cli[signature, flag]
+    assert result["code"] == 2, result["err"][-3000:]
+    lines = result["err"].strip().splitlines()
+    assert lines[-1] == f"train_{signature}.py fit: error: {USER_ERRORS[flag]}"
+    if not flag.startswith("--data"):  # checked after parsing: nothing else was printed
+        assert len(lines) == 1, lines
+    assert "Traceback" not in result["err"]
+
+
+@pytest.mark.parametrize("signature", SIGNATURES)
+def test_a_users_lightning_cli_with_tvlars_parser_shows_and_parses_every_field(
+    user_cli: dict[tuple[str, str], dict], signature: str
+) -> None:
+    help_text = user_cli[signature, "help"]
+    assert help_text["code"] == 0, help_text["err"][-3000:]
+    out = " ".join(help_text["out"].split())
+    for flag in ("--model.tvlars.lr LR", "--model.tvlars.optimizer {lars,lamb}"):
+        assert flag in out, flag
+    assert "--model.tvlars.phase.mode {fitted,explicit,off}" in out
+    assert "base learning rate at ``base_batch_size``" in out
+    printed = user_cli[signature, "lr 2"]
+    assert printed["code"] == 0, printed["err"][-3000:]
+    tvlars = yaml.safe_load(printed["out"])["model"]["tvlars"]
+    assert tvlars["lr"] == 2.0 and tvlars["phase"]["mode"] == "fitted"
+    fit = user_cli[signature, "fit"]
+    assert fit["code"] == 0, fit["err"][-3000:]
+
+
+def test_a_users_lightning_cli_without_tvlars_parser_prints_a_traceback(
+    user_cli: dict[tuple[str, str], dict],
+) -> None:
+    """The negative control: the same script without ``parser_class=TVLARSParser``."""
+    result = user_cli["without", "lr -1"]
+    assert result["code"] == 1
+    assert "Traceback (most recent call last)" in result["err"]
+    lines = result["err"].strip().splitlines()
+    assert len(lines) > 10
+    assert lines[-1] == "ValueError: lr=-1.0 is invalid: expected a finite number > 0"
