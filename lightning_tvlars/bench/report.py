@@ -499,29 +499,6 @@ def _pyplot() -> Any:
 
 def plot_accuracy(preset: Preset, all_cells: Sequence[Cell], path: Path) -> None:
     """Test accuracy vs batch size per arm: mean with its 95% confidence interval."""
-    plot_cells(
-        preset,
-        all_cells,
-        path,
-        column="test_accuracy",
-        scale=100,
-        ylabel="test accuracy (%), mean and 95% CI",
-        titles=TASK_TITLES,
-    )
-
-
-def plot_cells(
-    preset: Study,
-    all_cells: Sequence[Cell],
-    path: Path,
-    *,
-    column: str,
-    scale: float,
-    ylabel: str,
-    titles: Mapping[str, str],
-) -> None:
-    """``column`` (times ``scale``) vs batch size per arm, one panel per task: the mean of the
-    evaluation runs with its 95% confidence interval."""
     plt = _pyplot()
     tasks = preset.tasks
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
@@ -533,8 +510,8 @@ def plot_cells(
             offset = 1 + 0.03 * (i - len(preset.arms[task]) / 2)  # keep the bars apart
             ax.errorbar(
                 [c.batch_size * offset for c in points],
-                [scale * statistics.fmean(c.values(column)) for c in points],
-                yerr=[scale * _ci_half(c.values(column)) for c in points],
+                [100 * statistics.fmean(c.accuracy) for c in points],
+                yerr=[100 * _ci_half(c.accuracy) for c in points],
                 marker="o",
                 capsize=3,
                 label=arm,
@@ -543,8 +520,8 @@ def plot_cells(
         sizes = preset.batch_sizes[task]
         ax.set_xticks(list(sizes), [str(b) for b in sizes])
         ax.set_xlabel("batch size")
-        ax.set_ylabel(ylabel)
-        ax.set_title(titles.get(task, task))
+        ax.set_ylabel("test accuracy (%), mean and 95% CI")
+        ax.set_title(TASK_TITLES[task])
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -362,7 +362,7 @@ def _probe(
     )
 
 
-def _sharpness_columns(prefix: str, report: SharpnessReport | None) -> dict[str, str]:
+def sharpness_columns(prefix: str, report: SharpnessReport | None) -> dict[str, str]:
     """``{prefix}_{measure}`` CSV cells of :data:`SHARPNESS_FIELDS` (empty when not measured)."""
     values = {name: getattr(report, name, None) for name in SHARPNESS_FIELDS}
     return {
@@ -486,8 +486,8 @@ def run(
         "converged": int(not diverged and train_acc >= preset.converged_train_accuracy[spec.task]),
         "diverged": int(diverged),
         "early_step": early_step,
-        **_sharpness_columns("early", early),
-        **_sharpness_columns("end", end),
+        **sharpness_columns("early", early),
+        **sharpness_columns("end", end),
         "probe_seconds": f"{probe_seconds:.2f}",
         "wall_seconds": f"{time.perf_counter() - start:.2f}",
         "device": device.type,
