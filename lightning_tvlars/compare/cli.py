@@ -71,6 +71,8 @@ def _environment(jobs: int) -> str:
 
 
 def _minutes(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.2g} s"
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
@@ -207,4 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
     if failed:
         raise SystemExit(f"{failed} run(s) failed: see the report")
-    print(f"done in {_minutes(time.perf_counter() - started)}", flush=True)
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(f"done in {_minutes(time.perf_counter() - started)}", flush=True)

@@ -82,6 +82,10 @@ def test_bad_options_are_refused_in_one_line_before_anything_is_built(
     assert _error(capsys, *BORING, "--arms", "tvlars", "sgd", *out).startswith(
         "--arms sgd: unknown arm; expected some of tvlars, tvlars-cosine, lars,"
     )
+    assert _error(capsys, *BORING, "--arms", "tvlars", "lightly-lars-warmup-cosine", *out) == (
+        "--arms lightly-lars-warmup-cosine: unknown arm; expected some of tvlars, tvlars-cosine, "
+        "lars, lars-warmup, lars-warmup-cosine, lars-warmup-phase, lamb-warmup-cosine, tvlamb"
+    )
     assert _error(capsys, "--model", "nope.Model", *out) == (
         "--model=nope.Model is invalid: cannot import it (No module named 'nope')"
     )
