@@ -18,7 +18,14 @@ from typing import Any
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, Namespace
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import (
+    DeviceStatsMonitor,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    Timer,
+)
 from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_tvlars.bench.protocol import ARMS, DEFAULT_CENTER, Mode, Study
@@ -310,9 +317,15 @@ def _section(cfg: Namespace, key: str) -> dict[str, Any]:
     return value.as_dict() if isinstance(value, Namespace) else dict(value or {})
 
 
+#: Callbacks left out of the runs, which write no checkpoints, logs or progress bars.
+LEFT_OUT = (ModelCheckpoint, ProgressBar, LearningRateMonitor, DeviceStatsMonitor)
+
+
 def _callbacks(trainer: dict[str, Any]) -> tuple[list[Any], list[str]]:
-    """The trainer's callbacks without ModelCheckpoint (runs keep no checkpoints), refusing
+    """The trainer's callbacks without :data:`LEFT_OUT` (and ``TVLARSMonitor``), refusing
     those that would give the arms different budgets."""
+    from lightning_tvlars.lightning.monitor import TVLARSMonitor
+
     kept, notes = [], []
     callbacks = trainer.get("callbacks") or []
     for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
@@ -324,8 +337,11 @@ def _callbacks(trainer: dict[str, Any]) -> tuple[list[Any], list[str]]:
                 "different steps; compare gives every run the same budget (--epochs, --steps): "
                 "remove it"
             )
-        if issubclass(cls, ModelCheckpoint):
-            notes.append(f"the trainer's {cls.__name__} is left out: runs keep no checkpoints")
+        if issubclass(cls, (*LEFT_OUT, TVLARSMonitor)):
+            notes.append(
+                f"the trainer's {cls.__name__} is left out: the runs write no checkpoints, logs "
+                "or progress bars"
+            )
             continue
         kept.append(callback)
     return kept, notes

@@ -118,6 +118,52 @@ def test_bad_options_are_refused_in_one_line_before_anything_is_built(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_yaml_config_gives_every_option_and_the_trainer_keeps_its_settings(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "compare.yaml"
+    config.write_text(
+        """
+model: {class_path: compare_models.Regression, init_args: {hidden: 4}}
+data: {class_path: compare_models.RegressionData}
+arms: [tvlars, lamb-warmup-cosine]
+batch_sizes: [8, 32]
+steps: 7
+lr_grid: ["lars=0.5,1", "lamb=0.01"]
+trainer:
+  precision: bf16-mixed
+  gradient_clip_val: 1.0
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+    - class_path: lightning.pytorch.callbacks.LearningRateMonitor
+"""
+    )
+    opts = options.parse(["--config", str(config), "--seeds", "3"])
+    assert (opts.arms, opts.batch_sizes, opts.seeds) == (
+        ("tvlars", "lamb-warmup-cosine"),
+        (8, 32),
+        3,
+    )
+    assert opts.target.budget == ("steps", 7)
+    assert opts.lr_points == {"lars": (0.5, 1.0), "lamb": (0.01,)}
+    assert [note.split(" is left out")[0] for note in opts.notes] == [
+        "the trainer's ModelCheckpoint",
+        "the trainer's LearningRateMonitor",  # it needs the logger the runs do not have
+    ]
+    module, data, kwargs = opts.target.build(32)
+    assert module.net[0].out_features == 4 and data is not None and data.batch_size == 32
+    assert (kwargs["precision"], kwargs["gradient_clip_val"], kwargs["max_steps"]) == (
+        "bf16-mixed",
+        1.0,
+        7,
+    )
+    assert kwargs["callbacks"] == [] and kwargs["logger"] is False
+    # the setup names the model, data, trainer and budget, not the cell's batch size
+    again = options.parse(["--config", str(config), "--batch-sizes", "64"])
+    other = options.parse(["--config", str(config), "--model.hidden", "5"])
+    assert again.target.fingerprint == opts.target.fingerprint != other.target.fingerprint
+
+
 def test_modules_that_cannot_be_compared_are_refused_before_any_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
