@@ -421,6 +421,11 @@ def check(options: Options) -> Check:
     except Exception as err:
         raise _error(f"validating {name} failed", err) from None
     monitor = _resolve(options.monitor, metrics, returned.values(), name)
+    if options.sharpness:
+        try:  # the probe's own refusals (sharded strategies), before any run
+            SharpnessProbe().setup(trainer, module, "fit")
+        except ValueError as err:
+            raise CompareError(f"--sharpness: {err}") from None
     return Check(monitor, metrics, first or 0, trainer.world_size, isinstance(module, TVLARSMixin))
 
 
@@ -487,7 +492,8 @@ def probe(options: Options, spec: RunSpec) -> Timing:
     :class:`Timing`); the probe's result is not a row."""
     target = options.target
     pl.seed_everything(spec.seed, workers=True, verbose=False)
-    module, data, kwargs = target.build(spec.batch_size if target.batch_size_owner else None)
+    sets = target.batch_size_owner is not None and spec.batch_size > 0
+    module, data, kwargs = target.build(spec.batch_size if sets else None)
     plan = replace_optimizers(module, spec)
     clock, returned = _Clock(PROBE_STEPS), ReturnedValues()
     trainer = pl.Trainer(**{**kwargs, "callbacks": [*kwargs["callbacks"], clock, returned]})
