@@ -75,9 +75,10 @@ def read_rows(path: Path, fields: Sequence[str] = FIELDS) -> list[Row]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is not None and tuple(reader.fieldnames) != tuple(fields):
+            whose = "this benchmark's" if tuple(fields) == FIELDS else "this command's"
             raise ValueError(
-                f"{path} has the columns {reader.fieldnames}, not this command's: write to "
-                "another --out folder (or move the old file away)"
+                f"{path} has the columns {reader.fieldnames}, not {whose}: write to another "
+                "--out folder (or move the old file away)"
             )
         return list(reader)
 
