@@ -3,8 +3,8 @@
 Everything is computed from the CSV rows alone (``lightning-tvlars bench --report-only``
 rewrites the report of any CSV), so a partial benchmark gives a partial report: cells with
 fewer than two evaluation seeds are listed without a test. The cells, the comparisons, the
-tuning table and the figure take the metric as a parameter: ``lightning-tvlars compare``
-(:mod:`lightning_tvlars.compare.report`) builds its page from them.
+grid-edge check and the tuning table take the metric as a parameter: ``lightning-tvlars
+compare`` (:mod:`lightning_tvlars.compare.report`) builds its page from them.
 """
 
 from __future__ import annotations

@@ -60,6 +60,31 @@ def cell_table(study: Study, cells: Sequence[bench.Cell], monitor: Monitor) -> l
     return lines
 
 
+def untested(
+    cells: Sequence[bench.Cell], results: Sequence[bench.Result], pairs: Sequence[Comparison]
+) -> list[str]:
+    """The comparisons with two evaluation runs per arm that were left untested (runs without
+    a finite final value)."""
+    tested = {(r.batch_size, r.a, r.b) for r in results}
+    by_key = {(c.batch_size, c.arm): c for c in cells}
+    lines = []
+    for batch_size in sorted({c.batch_size for c in cells}):
+        for pair in pairs:
+            both = [by_key.get((batch_size, arm)) for arm in (pair.a, pair.b)]
+            if (batch_size, pair.a, pair.b) in tested or any(
+                c is None or len(c.runs) < 2 for c in both
+            ):
+                continue
+            lost = sum(
+                not math.isfinite(v) for c in both if c is not None for v in c.values("value")
+            )
+            lines.append(
+                f"- batch {batch_size}, {pair.a} − {pair.b}: not tested ({lost} diverged "
+                "run(s) without a finite final value)"
+            )
+    return lines
+
+
 def verdicts(results: Sequence[bench.Result], monitor: Monitor) -> list[str]:
     """The answer in one line per comparison."""
     better = "higher" if monitor.mode == "max" else "lower"
@@ -217,7 +242,10 @@ def write_report(
         "",
         "## Answer",
         "",
-        *(verdicts(results, monitor) or ["- No comparison has two evaluation seeds per arm yet."]),
+        *(
+            verdicts(results, monitor) + untested(cells, results, pairs)
+            or ["- No comparison has two evaluation seeds per arm yet."]
+        ),
         "",
         f"{len(complete)} of {len(cells)} cells complete.",
         "",

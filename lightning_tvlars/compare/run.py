@@ -380,8 +380,11 @@ def _own_optimizers(module: pl.LightningModule, kwargs: dict[str, Any], data: An
 
 
 def check(options: Options) -> Check:
-    """Build the model and data and validate the untrained model once: refuse, in one line,
-    what cannot be compared (see the module docstring of :mod:`lightning_tvlars.compare`)."""
+    """Build the model and data and validate the untrained model once, and refuse in one line
+    what cannot be compared: a model or data that cannot be built, manual optimization with
+    several optimizers (or with ``--sharpness``), no validation metric to select on (or not the
+    one ``--monitor`` names, or one whose mode its name does not say), ``--sharpness`` on a
+    strategy the probe cannot measure."""
     from lightning_tvlars.cli.fit import _raising_section
 
     target = options.target

@@ -23,6 +23,7 @@ from lightning_tvlars import LAMB, TVLARSScheduler
 from lightning_tvlars.bench import protocol, report
 from lightning_tvlars.bench.protocol import ARMS, RunSpec, Study
 from lightning_tvlars.compare import cli, options, run
+from lightning_tvlars.compare import report as compare_report
 from lightning_tvlars.compare.options import CompareError, Monitor
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -299,6 +300,10 @@ def test_comparisons_among_any_arms_and_a_lower_is_better_verdict() -> None:
     assert higher.verdict == "loss"
     cells[0] = cell("tvlars", [0.10, math.nan, 0.105, 0.108])
     assert report.comparisons(study, cells, column="value", pairs=pairs) == []  # diverged
+    assert compare_report.untested(cells, [], pairs) == [
+        "- batch 16, tvlars − lars-warmup-cosine: not tested (1 diverged run(s) without a "
+        "finite final value)"
+    ]
 
 
 # ------------------------------------------------------------------------------ one run
