@@ -5,8 +5,8 @@
 * :mod:`~lightning_tvlars.compare.target`: the user's model, data and Trainer, built fresh for
   every run;
 * :mod:`~lightning_tvlars.compare.run`: one run through a Lightning Trainer with the arm's
-  recipe in place of ``configure_optimizers``, the checks before anything runs and the timed
-  probe;
+  recipe in place of ``configure_optimizers``;
+* :mod:`~lightning_tvlars.compare.check`: the checks before anything runs, and the timed probe;
 * :mod:`~lightning_tvlars.compare.report`: the page, from the CSV rows alone;
 * :mod:`~lightning_tvlars.compare.cli`: the command.
 

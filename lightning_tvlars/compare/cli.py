@@ -81,14 +81,14 @@ def compare(options: Options, command: str) -> int:
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     from lightning_tvlars.bench.runner import read_rows, run_study
-    from lightning_tvlars.compare import report, run
+    from lightning_tvlars.compare import check, report, run
 
     lead = getattr(rank_zero_only, "rank", 0) == 0
     say = functools.partial(print, flush=True) if lead else (lambda *a, **k: None)
     target = options.target
     for note in options.notes:
         say(f"note: {note}")
-    checked = run.check(options)
+    checked = check.check(options)
     monitor = checked.monitor
     if checked.world_size > 1 and options.jobs > 1:
         raise CompareError(
@@ -98,7 +98,7 @@ def compare(options: Options, command: str) -> int:
     configured = target.default_batch_size()
     given = options.batch_sizes or ((configured,) if configured else ())
     first = plan(options.study(given or (0,), monitor), [])[0]
-    timing = run.probe(options, first)
+    timing = check.probe(options, first)
     sizes = given or (timing.batch_size,)
     study = options.study(sizes, monitor)
     path = options.out / CSV

@@ -22,7 +22,7 @@ import torch
 from lightning_tvlars import LAMB, TVLARSScheduler
 from lightning_tvlars.bench import protocol, report
 from lightning_tvlars.bench.protocol import ARMS, RunSpec, Study
-from lightning_tvlars.compare import cli, options, run
+from lightning_tvlars.compare import check, cli, options, run
 from lightning_tvlars.compare import report as compare_report
 from lightning_tvlars.compare.options import CompareError, Monitor
 
@@ -381,7 +381,7 @@ def test_a_diverging_run_is_flagged_and_stops_at_the_end_of_its_epoch(tmp_path: 
 def test_manual_optimization_with_one_optimizer_is_compared(tmp_path: Path) -> None:
     model = ["--model", "compare_models.OneManualOptimizer"]
     opts = options.parse([*model, *REGRESSION[2:], "--steps", "2", "--out", str(tmp_path)])
-    checked = run.check(opts)
+    checked = check.check(opts)
     assert (checked.monitor, checked.world_size, checked.mixin) == (
         Monitor("val_loss", "min"),
         1,
