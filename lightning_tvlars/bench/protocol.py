@@ -1,21 +1,25 @@
-"""The accuracy benchmark's protocol: arms, their tuning axes, presets and the run planner.
+"""The protocol of the accuracy benchmark and of ``lightning-tvlars compare``: arms, their
+tuning axes, the tuning rules (:class:`Study`), the benchmark's presets and the run planner.
 
-Every *cell* (task x batch size x arm) is tuned the same way, on the mean validation accuracy
-of the same tuning seeds (:attr:`Preset.tune_seeds`):
+Every *cell* (task x batch size x arm) is tuned the same way, on the mean of a validation
+metric over the same tuning seeds (:attr:`Study.tune_seeds`):
 
 1. **learning rate**: a log-spaced grid of ``2 * lr_steps + 1`` points, a quarter decade apart
    (x1.78), around the arm's centre, at the arm's default setting; while the best point is at
    an edge, or an edge scores within the validation noise of the best (one standard error of
-   the difference, see :func:`within_noise`), one more point past that edge (at most
-   ``max_extensions`` times per side);
+   the difference, see :meth:`Study.within_noise`), one more point past that edge (at most
+   ``max_extensions`` times per side). An explicit grid (:attr:`Study.lr_points`) is not
+   extended;
 2. **second axis** at that learning rate: the other values of the arm's axis (the phase for
    phase arms, the warm-up length for warm-up arms, the trust coefficient for plain LARS), the
    same number for every arm;
 3. **evaluation**: ``eval_seeds`` fresh seeds at the chosen (learning rate, setting).
 
-Selection always uses validation accuracy; test accuracy is only reported. :func:`plan`
-computes the runs still to do from the rows already written, so an interrupted benchmark
-resumes where it stopped and parallel workers can take any run it returns.
+Selection always uses the validation metric (:attr:`Study.metric`, maximized or minimized);
+test metrics are only reported. :func:`plan` computes the runs still to do from the rows
+already written, so an interrupted run resumes where it stopped and parallel workers can take
+any run it returns. The benchmark's :class:`Preset` adds MNIST-1D's data and models to the
+rules; ``lightning-tvlars compare`` uses the rules alone on a user's LightningModule.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ TRUST = ("trust=0.001", "trust=0.002", "trust=0.0005", "trust=0.004")
 #: Quarter decades of the base rate at batch 256 at the centre of each grid, per family.
 LARS_CENTER = {"classification": 0, "barlow_twins": -1, "deep_classification": 0}
 LAMB_CENTER = {"classification": -8, "barlow_twins": -9, "deep_classification": -8}
+#: The centre of a task the benchmark has not tuned (a user's model): the optimizer's default
+#: base rate at batch 256 (LARS 1.0, LAMB 0.01), per optimizer family.
+DEFAULT_CENTER = {"lars": 0, "lamb": -8}
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,11 @@ class Arm:
     @property
     def default(self) -> str:
         return self.axis[0]
+
+    @property
+    def family(self) -> str:
+        """``lamb`` or ``lars`` (lightly's LARS included): which learning rates suit it."""
+        return "lamb" if self.optimizer == "lamb" else "lars"
 
 
 ARMS: dict[str, Arm] = {
@@ -176,6 +188,29 @@ COMPARISONS: tuple[Comparison, ...] = (
 )
 
 
+def comparisons_for(arms: Sequence[str]) -> tuple[Comparison, ...]:
+    """The comparisons among ``arms``: those of :data:`COMPARISONS` whose arms are both in,
+    then every other pair (in the order of ``arms``), named by what their recipes do
+    differently (optimizer, start, annealing)."""
+    chosen = [c for c in COMPARISONS if c.a in arms and c.b in arms]
+    covered = {frozenset((c.a, c.b)) for c in chosen}
+    for i, a in enumerate(arms):
+        for b in arms[i + 1 :]:
+            if frozenset((a, b)) in covered:
+                continue
+            differences = [
+                f"{what} ({getattr(ARMS[a], name)} vs {getattr(ARMS[b], name)})"
+                for name, what in (
+                    ("optimizer", "optimizer"),
+                    ("start", "start"),
+                    ("annealing", "annealing"),
+                )
+                if getattr(ARMS[a], name) != getattr(ARMS[b], name)
+            ]
+            chosen.append(Comparison(a, b, ", ".join(differences) or "the tuned setting"))
+    return tuple(chosen)
+
+
 def setting_value(setting: str, key: str | None = None) -> float | None:
     """The number of ``key=`` in a setting (``half=0.3``, ``warmup=0.2+half=0.3``, with
     ``key=None`` the first part's); ``None`` for ``authors`` or a missing key."""
@@ -232,25 +267,128 @@ MODELS: dict[str, Model] = {
 }
 
 
-@dataclass(frozen=True)
-class Preset:
-    """A benchmark size. See the module docstring for the protocol.
+Mode = Literal["max", "min"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Study:
+    """What is compared and the tuning rules (see the module docstring): what
+    :func:`cell_state` and :func:`plan` need, shared by the benchmark's :class:`Preset` and
+    ``lightning-tvlars compare``.
+
+    Attributes:
+        tasks: the tasks (a name per model and data); the planner runs the largest batch size
+            first, the tasks in this order within one.
+        batch_sizes: per-step batch sizes, per task.
+        arms: the arms per task.
+        lr_steps: grid points on each side of the centre; max_extensions: grid extensions per
+            side.
+        lr_points: explicit base learning rates per optimizer family (``lars``, ``lamb``)
+            instead of the grid around the arm's centre; not extended.
+        axis_size: values of the second axis tuned (the arm's first ones; ``None``: all).
+        tune_seeds: the seeds every tuning point runs (selection on their mean);
+            eval_seeds: the number of fresh seeds per chosen setting.
+        metric: the column of the rows that selection reads (a validation metric).
+        mode: ``max`` or ``min``: which values of ``metric`` are better.
+    """
+
+    tasks: tuple[str, ...]
+    batch_sizes: Mapping[str, tuple[int, ...]]
+    arms: Mapping[str, tuple[str, ...]]
+    lr_steps: int = 2
+    max_extensions: int = 2
+    lr_points: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    axis_size: int | None = None
+    tune_seeds: tuple[int, ...] = (0, 1)
+    eval_seeds: int = 8
+    metric: str = "val_accuracy"
+    mode: Mode = "max"
+
+    def __post_init__(self) -> None:
+        for task in self.tasks:
+            for arm in self.arms[task]:
+                if arm not in ARMS:
+                    raise ValueError(f"arm {arm!r} is invalid: expected one of {sorted(ARMS)}")
+                source = ARMS[arm].phase_from
+                if source is not None and source not in self.arms[task]:
+                    raise ValueError(f"arm {arm!r} takes the phase of {source!r}: add it")
+        if not self.tune_seeds:
+            raise ValueError("tune_seeds is empty: expected at least one seed")
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"mode={self.mode!r} is invalid: expected 'max' or 'min'")
+        for family, points in self.lr_points.items():
+            if family not in DEFAULT_CENTER or not points or list(points) != sorted(set(points)):
+                raise ValueError(
+                    f"lr_points[{family!r}]={points!r} is invalid: expected increasing rates of "
+                    f"a family in {sorted(DEFAULT_CENTER)}"
+                )
+
+    def axis(self, arm: Arm) -> tuple[str, ...]:
+        """The second-axis values tuned for ``arm`` (its default first)."""
+        return arm.axis[: self.axis_size] if self.axis_size else arm.axis
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """The evaluation seeds: fresh, after the tuning seeds."""
+        first = max(self.tune_seeds) + 1
+        return tuple(range(first, first + self.eval_seeds))
+
+    def lr(self, arm: Arm, task: str, k: int) -> float:
+        """Grid point ``k``: of an explicit grid, its ``k``-th rate; otherwise (0 = the centre)
+        ``10 ** ((centre + k) / 4)``, 4 significant digits (0.3162, 0.5623, 1, 1.778, ...)."""
+        points = self.lr_points.get(arm.family)
+        if points:
+            return points[k]
+        centre = arm.lr_center.get(task, DEFAULT_CENTER[arm.family])
+        return float(f"{10 ** ((centre + k) / 4):.4g}")
+
+    def lr_indices(self, arm: Arm) -> tuple[int, ...]:
+        """The grid points (``k``) of the learning-rate search before any extension."""
+        points = self.lr_points.get(arm.family)
+        if points:
+            return tuple(range(len(points)))
+        return tuple(range(-self.lr_steps, self.lr_steps + 1))
+
+    def extensions(self, arm: Arm) -> int:
+        """How many times the grid may grow past each edge (none for an explicit grid)."""
+        return 0 if self.lr_points.get(arm.family) else self.max_extensions
+
+    def score(self, row: Mapping[str, Any]) -> float:
+        """The row's :attr:`metric`; a diverged run (not finite) scores the worst possible."""
+        value = float(row[self.metric])
+        if math.isfinite(value):
+            return value
+        return -math.inf if self.mode == "max" else math.inf
+
+    def better(self, value: float) -> float:
+        """``value`` as a key that is larger when better (``-value`` when minimizing)."""
+        return value if self.mode == "max" else -value
+
+    def within_noise(self, best: float, other: float, spread: tuple[float, float]) -> bool:
+        """Whether ``other`` (a mean over the tuning seeds) is within one standard error of the
+        difference from ``best``, from the tuning seeds' spread: ``spread`` holds the sample
+        variances of both points, and the error is ``sqrt((var_b + var_o) / seeds)``. With
+        one tuning seed no spread is known: only a tie is within the noise. Diverged points
+        are within the noise of each other only."""
+        if not (math.isfinite(best) and math.isfinite(other)):
+            return best == other
+        error = math.sqrt(sum(v for v in spread if math.isfinite(v)) / len(self.tune_seeds))
+        return self.better(best) - self.better(other) <= error
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preset(Study):
+    """A benchmark size: the tuning rules of :class:`Study` on MNIST-1D. See the module
+    docstring for the protocol; selection reads ``val_accuracy`` (noise: binomial over the
+    ``val_size`` validation samples, :func:`within_noise`).
 
     Attributes:
         name: preset name; ``stem`` names the output files (``<stem>.csv``, ``.md``, ``.png``).
-        tasks: ``classification``, ``barlow_twins`` and/or ``deep_classification``; the
-            planner runs the largest batch size first, the tasks in this order within one.
-        batch_sizes: per-step batch sizes, per task.
-        arms: the arms per task.
+        tasks: ``classification``, ``barlow_twins`` and/or ``deep_classification``.
         epochs: training epochs per task (the same for every batch size).
         num_samples, val_size, corr_noise_scale, iid_noise_scale: MNIST-1D (80% train + val,
             20% test; ``val_size`` held out of the training part for selection).
         models: the 1-D ResNet per task; projection_dim: the Barlow Twins projector's width.
-        lr_steps: grid points on each side of the centre; max_extensions: grid extensions per
-            side.
-        axis_size: values of the second axis tuned (the arm's first ones; ``None``: all).
-        tune_seeds: the seeds every tuning point runs (selection on their mean);
-            eval_seeds: the number of fresh seeds per chosen setting.
         converged_train_accuracy: per task, a run whose final training accuracy (the linear
             probe's for Barlow Twins) is below this is flagged "not converged".
         probe: the sharpness probe's size.
@@ -259,9 +397,6 @@ class Preset:
 
     name: str
     stem: str
-    tasks: tuple[str, ...]
-    batch_sizes: Mapping[str, tuple[int, ...]]
-    arms: Mapping[str, tuple[str, ...]]
     epochs: Mapping[str, int]
     num_samples: int
     val_size: int
@@ -269,11 +404,6 @@ class Preset:
     iid_noise_scale: float | None = 0.06
     models: Mapping[str, Model] = field(default_factory=lambda: dict(MODELS))
     projection_dim: int = 256
-    lr_steps: int = 2
-    max_extensions: int = 2
-    axis_size: int | None = None
-    tune_seeds: tuple[int, ...] = (0, 1)
-    eval_seeds: int = 8
     converged_train_accuracy: Mapping[str, float] = field(
         default_factory=lambda: {
             "classification": 0.8,
@@ -289,29 +419,16 @@ class Preset:
         for task in self.tasks:
             if task not in TASKS:
                 raise ValueError(f"task {task!r} is invalid: expected one of {TASKS}")
-            for arm in self.arms[task]:
-                if arm not in ARMS:
-                    raise ValueError(f"arm {arm!r} is invalid: expected one of {sorted(ARMS)}")
-                source = ARMS[arm].phase_from
-                if source is not None and source not in self.arms[task]:
-                    raise ValueError(f"arm {arm!r} takes the phase of {source!r}: add it")
-        if not self.tune_seeds:
-            raise ValueError("tune_seeds is empty: expected at least one seed")
+        super().__post_init__()
 
-    def axis(self, arm: Arm) -> tuple[str, ...]:
-        """The second-axis values tuned for ``arm`` (its default first)."""
-        return arm.axis[: self.axis_size] if self.axis_size else arm.axis
+    def score(self, row: Mapping[str, Any]) -> float:
+        """Validation accuracy; a diverged run scores as nothing learnt (0)."""
+        value = float(row[self.metric])
+        return value if math.isfinite(value) else 0.0
 
-    @property
-    def seeds(self) -> tuple[int, ...]:
-        """The evaluation seeds: fresh, after the tuning seeds."""
-        first = max(self.tune_seeds) + 1
-        return tuple(range(first, first + self.eval_seeds))
-
-    def lr(self, arm: Arm, task: str, k: int) -> float:
-        """Grid point ``k`` (0 = the centre): ``10 ** ((centre + k) / 4)``, 4 significant
-        digits (0.3162, 0.5623, 1, 1.778, 3.162, ...)."""
-        return float(f"{10 ** ((arm.lr_center[task] + k) / 4):.4g}")
+    def within_noise(self, best: float, other: float, spread: tuple[float, float]) -> bool:
+        """:func:`within_noise` over the ``val_size`` validation samples (binomial)."""
+        return within_noise(best, other, self.val_size, len(self.tune_seeds))
 
     def quick(self) -> Preset:
         """The same protocol on a tiny size, to check the pipeline end to end (CI)."""
@@ -426,11 +543,6 @@ def row_key(row: Mapping[str, Any]) -> tuple[str, str, int, int, str, float, str
     )
 
 
-def _accuracy(row: Mapping[str, Any]) -> float:
-    value = float(row["val_accuracy"])
-    return value if math.isfinite(value) else 0.0  # a diverged run scores as nothing learnt
-
-
 def within_noise(best: float, other: float, n: int, seeds: int) -> bool:
     """Whether validation accuracy ``other`` is within one standard error of the difference
     from ``best``: binomial errors of two means over ``seeds`` runs of ``n`` samples each,
@@ -447,7 +559,8 @@ class CellState:
         lr: the chosen learning rate (``None`` until the LR stage is complete).
         setting: the chosen setting (``None`` until the axis stage is complete).
         grid: the learning-rate grid points run so far (``k`` values).
-        scores: mean validation accuracy over the tuning seeds per ``(lr, setting)`` done.
+        scores: mean of the validation metric over the tuning seeds per ``(lr, setting)``
+            done (a diverged run counted as :meth:`Study.score` says).
         settings: the settings of the second axis (the learning-rate search's first).
         todo: tuning points still needed, as ``(stage, k, setting)`` (each on every tuning
             seed); empty with ``waiting`` set while an arm it depends on is not tuned.
@@ -464,21 +577,21 @@ class CellState:
 
 
 def _axis_settings(
-    preset: Preset, task: str, batch_size: int, arm: Arm, rows: Sequence[Mapping[str, Any]]
+    study: Study, task: str, batch_size: int, arm: Arm, rows: Sequence[Mapping[str, Any]]
 ) -> tuple[str, ...] | None:
     """The settings tuned for ``arm`` in this cell; for a ``warmup-phase`` arm, each warm-up
     with the phase chosen for its ``phase_from`` arm (``None`` while that is not chosen)."""
-    axis = preset.axis(arm)
+    axis = study.axis(arm)
     if arm.phase_from is None:
         return axis
-    phase = cell_state(preset, task, batch_size, ARMS[arm.phase_from], rows).setting
+    phase = cell_state(study, task, batch_size, ARMS[arm.phase_from], rows).setting
     if phase is None:
         return None
     return tuple(f"{warmup}+{phase}" for warmup in axis)
 
 
 def cell_state(
-    preset: Preset, task: str, batch_size: int, arm: Arm, rows: Iterable[Mapping[str, Any]]
+    study: Study, task: str, batch_size: int, arm: Arm, rows: Iterable[Mapping[str, Any]]
 ) -> CellState:
     """The tuning decisions of one cell from its tuning rows (see the module docstring)."""
     rows = list(rows)
@@ -489,52 +602,60 @@ def cell_state(
             arm.name,
             batch_size,
             "tune",
-        ) and int(r["seed"]) in preset.tune_seeds:
-            runs.setdefault((float(r["lr"]), str(r["setting"])), {})[int(r["seed"])] = _accuracy(r)
-    scores = {
-        point: statistics.fmean(by_seed.values())
+        ) and int(r["seed"]) in study.tune_seeds:
+            key = (float(r["lr"]), str(r["setting"]))
+            runs.setdefault(key, {})[int(r["seed"])] = study.score(r)
+    complete = {
+        point: list(by_seed.values())
         for point, by_seed in runs.items()
-        if set(by_seed) == set(preset.tune_seeds)
+        if set(by_seed) == set(study.tune_seeds)
     }
-    settings = _axis_settings(preset, task, batch_size, arm, rows)
+    scores = {point: statistics.fmean(values) for point, values in complete.items()}
+    spread = {
+        point: statistics.variance(values) if len(values) > 1 else 0.0
+        for point, values in complete.items()
+    }
+    settings = _axis_settings(study, task, batch_size, arm, rows)
     if settings is None:
         return CellState(None, None, (), scores, (), (), waiting=arm.phase_from)
     default = settings[0]
-    grid = list(range(-preset.lr_steps, preset.lr_steps + 1))
+    grid = list(study.lr_indices(arm))
     extended = {"low": 0, "high": 0}
-    seeds = len(preset.tune_seeds)
+    limit = study.extensions(arm)
     while True:
-        missing = [k for k in grid if (preset.lr(arm, task, k), default) not in scores]
+        missing = [k for k in grid if (study.lr(arm, task, k), default) not in scores]
         if missing:
             todo = tuple(("lr", k, default) for k in missing)
             return CellState(None, None, tuple(grid), scores, settings, todo)
-        score = {k: scores[(preset.lr(arm, task, k), default)] for k in grid}
-        # best validation accuracy; ties go to the smaller learning rate
-        best = max(grid, key=lambda k: (score[k], -k))
-        if extended["high"] < preset.max_extensions and within_noise(
-            score[best], score[grid[-1]], preset.val_size, seeds
-        ):
+        point = {k: (study.lr(arm, task, k), default) for k in grid}
+        # the best validation metric; ties go to the smaller learning rate
+        best = max(grid, key=lambda k: (study.better(scores[point[k]]), -k))
+        near = {
+            k: study.within_noise(
+                scores[point[best]], scores[point[k]], (spread[point[best]], spread[point[k]])
+            )
+            for k in (grid[0], grid[-1])
+        }
+        if extended["high"] < limit and near[grid[-1]]:
             grid.append(grid[-1] + 1)
             extended["high"] += 1
-        elif extended["low"] < preset.max_extensions and within_noise(
-            score[best], score[grid[0]], preset.val_size, seeds
-        ):
+        elif extended["low"] < limit and near[grid[0]]:
             grid.insert(0, grid[0] - 1)
             extended["low"] += 1
         else:
             break
-    lr = preset.lr(arm, task, best)
+    lr = study.lr(arm, task, best)
     missing_axis = [s for s in settings if (lr, s) not in scores]
     if missing_axis:
         todo = tuple(("axis", best, s) for s in missing_axis)
         return CellState(lr, None, tuple(grid), scores, settings, todo)
     # ties go to the earlier setting (the learning-rate search's default first)
-    setting = max(settings, key=lambda s: (scores[(lr, s)], -settings.index(s)))
+    setting = max(settings, key=lambda s: (study.better(scores[(lr, s)]), -settings.index(s)))
     return CellState(lr, setting, tuple(grid), scores, settings, ())
 
 
 def early_probe(
-    preset: Preset,
+    study: Study,
     task: str,
     batch_size: int,
     arm: Arm,
@@ -554,13 +675,13 @@ def early_probe(
         assert value is not None
         return value
     paired = ARMS[arm.paired or "lars-warmup-cosine"]
-    if tuning or paired.name not in preset.arms[task]:
+    if tuning or paired.name not in study.arms[task]:
         return setting_value(paired.default, "warmup")
-    chosen = cell_state(preset, task, batch_size, paired, rows).setting
+    chosen = cell_state(study, task, batch_size, paired, rows).setting
     return None if chosen is None else setting_value(chosen, "warmup")
 
 
-def plan(preset: Preset, rows: Sequence[Mapping[str, Any]]) -> list[RunSpec]:
+def plan(study: Study, rows: Sequence[Mapping[str, Any]]) -> list[RunSpec]:
     """Every run that can start now, given the finished ``rows``.
 
     Tuning points of a stage come once the previous stage of their cell is complete (every
@@ -572,35 +693,57 @@ def plan(preset: Preset, rows: Sequence[Mapping[str, Any]]) -> list[RunSpec]:
     """
     done = {row_key(r) for r in rows}
     todo: list[RunSpec] = []
-    batch_sizes = sorted({b for t in preset.tasks for b in preset.batch_sizes[t]}, reverse=True)
+    batch_sizes = sorted({b for t in study.tasks for b in study.batch_sizes[t]}, reverse=True)
     for batch_size in batch_sizes:
-        for task in preset.tasks:
-            if batch_size in preset.batch_sizes[task]:
-                for name in preset.arms[task]:
-                    todo += _cell_plan(preset, task, batch_size, ARMS[name], rows)
+        for task in study.tasks:
+            if batch_size in study.batch_sizes[task]:
+                for name in study.arms[task]:
+                    todo += _cell_plan(study, task, batch_size, ARMS[name], rows)
     return [spec for spec in todo if spec.key not in done]
 
 
 def _cell_plan(
-    preset: Preset, task: str, batch_size: int, arm: Arm, rows: Sequence[Mapping[str, Any]]
+    study: Study, task: str, batch_size: int, arm: Arm, rows: Sequence[Mapping[str, Any]]
 ) -> list[RunSpec]:
     """The runs of one cell that its stage allows now (finished ones included)."""
-    state = cell_state(preset, task, batch_size, arm, rows)
+    state = cell_state(study, task, batch_size, arm, rows)
     specs = []
     for stage, k, setting in state.todo:
-        fraction = early_probe(preset, task, batch_size, arm, setting, rows, tuning=True)
+        fraction = early_probe(study, task, batch_size, arm, setting, rows, tuning=True)
         assert fraction is not None
-        lr = preset.lr(arm, task, k)
+        lr = study.lr(arm, task, k)
         specs += [
             RunSpec(task, arm.name, batch_size, seed, "tune", stage, lr, setting, fraction)
-            for seed in preset.tune_seeds
+            for seed in study.tune_seeds
         ]
     if state.setting is None or state.lr is None:
         return specs
-    fraction = early_probe(preset, task, batch_size, arm, state.setting, rows, tuning=False)
+    fraction = early_probe(study, task, batch_size, arm, state.setting, rows, tuning=False)
     if fraction is None:  # an arm without warm-up waiting for its paired warm-up arm
         return specs
     return specs + [
         RunSpec(task, arm.name, batch_size, seed, "eval", "eval", state.lr, state.setting, fraction)
-        for seed in preset.seeds
+        for seed in study.seeds
     ]
+
+
+def run_count(study: Study, rows: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
+    """How many runs the protocol takes, given the rows so far: ``(expected, at_most)``.
+
+    ``expected`` counts each cell's grid as it stands (its extensions so far), its second axis
+    and its evaluation seeds; ``at_most`` adds every extension still allowed."""
+    expected = at_most = 0
+    seeds = len(study.tune_seeds)
+    for task in study.tasks:
+        for batch_size in study.batch_sizes[task]:
+            for name in study.arms[task]:
+                arm = ARMS[name]
+                state = cell_state(study, task, batch_size, arm, rows)
+                grid = len(state.grid) or len(study.lr_indices(arm))
+                cell = (grid + len(study.axis(arm)) - 1) * seeds + study.eval_seeds
+                room = 0
+                if state.lr is None:  # the search may still grow past an edge
+                    room = 2 * study.extensions(arm) - (grid - len(study.lr_indices(arm)))
+                expected += cell
+                at_most += cell + room * seeds
+    return expected, at_most

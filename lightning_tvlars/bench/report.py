@@ -2,14 +2,16 @@
 
 Everything is computed from the CSV rows alone (``lightning-tvlars bench --report-only``
 rewrites the report of any CSV), so a partial benchmark gives a partial report: cells with
-fewer than two evaluation seeds are listed without a test.
+fewer than two evaluation seeds are listed without a test. The cells, the comparisons, the
+grid-edge check and the tuning table take the metric as a parameter: ``lightning-tvlars
+compare`` (:mod:`lightning_tvlars.compare.report`) builds its page from them.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,9 @@ from lightning_tvlars.bench.protocol import (
     ARMS,
     COMPARISONS,
     CellState,
+    Comparison,
     Preset,
+    Study,
     cell_state,
 )
 from lightning_tvlars.bench.stats import Paired, holm, paired, spearman, t_quantile, welch
@@ -54,7 +58,11 @@ class Cell:
 
     @property
     def accuracy(self) -> list[float]:
-        return [_float(r["test_accuracy"]) for r in self.runs]
+        return self.values("test_accuracy")
+
+    def values(self, column: str) -> list[float]:
+        """The evaluation runs' ``column``, in the order of the rows."""
+        return [_float(r[column]) for r in self.runs]
 
     def mean(self, column: str) -> float:
         values = [v for v in (_float(r[column]) for r in self.runs) if math.isfinite(v)]
@@ -72,8 +80,8 @@ class Cell:
         return {int(r["seed"]): _float(r[column]) for r in self.runs}
 
 
-def cells(preset: Preset, rows: Sequence[Row]) -> list[Cell]:
-    """Every cell of the preset with its tuning state and evaluation rows."""
+def cells(preset: Study, rows: Sequence[Row]) -> list[Cell]:
+    """Every cell of the study with its tuning state and evaluation rows."""
     out = []
     for task in preset.tasks:
         for batch_size in preset.batch_sizes[task]:
@@ -110,10 +118,15 @@ class Result:
     n_b: int
 
 
-def _pairs(by_key: Mapping[tuple[str, int, str], Cell], task: str, batch_size: int) -> list[Any]:
-    """The :data:`COMPARISONS` whose two cells both exist in (task, batch size)."""
+def _pairs(
+    by_key: Mapping[tuple[str, int, str], Cell],
+    task: str,
+    batch_size: int,
+    pairs: Sequence[Comparison] = COMPARISONS,
+) -> list[Any]:
+    """The comparisons of ``pairs`` whose two cells both exist in (task, batch size)."""
     out = []
-    for comparison in COMPARISONS:
+    for comparison in pairs:
         ca = by_key.get((task, batch_size, comparison.a))
         cb = by_key.get((task, batch_size, comparison.b))
         if ca is not None and cb is not None:
@@ -121,29 +134,40 @@ def _pairs(by_key: Mapping[tuple[str, int, str], Cell], task: str, batch_size: i
     return out
 
 
-def comparisons(preset: Preset, all_cells: Sequence[Cell]) -> list[Result]:
-    """Every comparison of :data:`COMPARISONS` with two or more seeds per side, Holm-adjusted
-    over all of them; ``win`` / ``loss`` (for ``a``) only where the adjusted p < 0.05."""
+def comparisons(
+    preset: Study,
+    all_cells: Sequence[Cell],
+    *,
+    column: str = "test_accuracy",
+    higher_is_better: bool = True,
+    pairs: Sequence[Comparison] = COMPARISONS,
+) -> list[Result]:
+    """Every comparison of ``pairs`` with two or more seeds per side on ``column``,
+    Holm-adjusted over all of them; ``win`` / ``loss`` (for ``a``) only where the adjusted
+    p < 0.05 (a win is a larger ``a`` when ``higher_is_better``, a smaller one otherwise)."""
     by_key = {(c.task, c.batch_size, c.arm): c for c in all_cells}
     tests = []
     for task in preset.tasks:
         for batch_size in preset.batch_sizes[task]:
-            for comparison, ca, cb in _pairs(by_key, task, batch_size):
+            for comparison, ca, cb in _pairs(by_key, task, batch_size, pairs):
                 if len(ca.runs) < 2 or len(cb.runs) < 2:
+                    continue
+                values = ca.values(column) + cb.values(column)
+                if not all(math.isfinite(v) for v in values):  # diverged runs: no test
                     continue
                 notes = [
                     f"{c.arm}: {len(c.runs) - c.converged}/{len(c.runs)} not converged"
                     for c in (ca, cb)
                     if c.converged < len(c.runs)
                 ]
-                result = welch(ca.accuracy, cb.accuracy)
+                result = welch(ca.values(column), cb.values(column))
                 tests.append((task, batch_size, comparison, result, notes))
     adjusted = holm([t[3].p for t in tests])
     out = []
     for (task, batch_size, comparison, w, notes), p_holm in zip(tests, adjusted, strict=True):
         verdict = "tie"
         if p_holm < ALPHA:
-            verdict = "win" if w.diff > 0 else "loss"
+            verdict = "win" if (w.diff > 0) == higher_is_better else "loss"
         out.append(
             Result(
                 task,
@@ -187,15 +211,17 @@ class SharpnessResult:
     p_holm: float
 
 
-def sharpness_comparisons(preset: Preset, all_cells: Sequence[Cell]) -> list[SharpnessResult]:
+def sharpness_comparisons(
+    preset: Study, all_cells: Sequence[Cell], *, pairs: Sequence[Comparison] = COMPARISONS
+) -> list[SharpnessResult]:
     """Paired tests (same seed: same initial weights and batch order) of each
-    :data:`PAIRED_MEASURES` for every comparison with at least two common seeds; Holm over
-    all of them (a family of its own)."""
+    :data:`PAIRED_MEASURES` for every comparison of ``pairs`` with at least two common seeds;
+    Holm over all of them (a family of its own)."""
     by_key = {(c.task, c.batch_size, c.arm): c for c in all_cells}
     tests = []
     for task in preset.tasks:
         for batch_size in preset.batch_sizes[task]:
-            for comparison, ca, cb in _pairs(by_key, task, batch_size):
+            for comparison, ca, cb in _pairs(by_key, task, batch_size, pairs):
                 for measure in PAIRED_MEASURES:
                     va, vb = ca.by_seed(measure), cb.by_seed(measure)
                     seeds = sorted(set(va) & set(vb))
@@ -228,6 +254,17 @@ def _p(value: float) -> str:
     return "n/a" if not math.isfinite(value) else (f"{value:.2g}" if value >= 1e-4 else "<1e-4")
 
 
+def at_edge(study: Study, cell: Cell) -> bool:
+    """Whether the cell's chosen learning rate is the first or last point of its grid (the
+    best may lie beyond it)."""
+    grid, lr = cell.state.grid, cell.state.lr
+    arm = ARMS[cell.arm]
+    return lr is not None and lr in (
+        study.lr(arm, cell.task, grid[0]),
+        study.lr(arm, cell.task, grid[-1]),
+    )
+
+
 def cell_table(preset: Preset, all_cells: Sequence[Cell], task: str) -> list[str]:
     lines = [
         "| batch | arm | lr (base) | setting | seeds | test acc. (%) mean ± std "
@@ -239,13 +276,7 @@ def cell_table(preset: Preset, all_cells: Sequence[Cell], task: str) -> list[str
         mean = statistics.fmean(acc) if acc else math.nan
         std = statistics.stdev(acc) if len(acc) > 1 else math.nan
         half = _ci_half(acc)
-        grid = c.state.grid
-        edge = ""
-        if c.state.lr is not None and c.state.lr in (
-            preset.lr(ARMS[c.arm], task, grid[0]),
-            preset.lr(ARMS[c.arm], task, grid[-1]),
-        ):
-            edge = " (edge)"
+        edge = " (edge)" if at_edge(preset, c) else ""
         waiting = f"waits for {c.state.waiting}" if c.state.waiting else "tuning"
         lr = waiting if c.state.lr is None else f"{c.state.lr:g}{edge}"
         setting = c.state.setting or waiting
@@ -258,9 +289,20 @@ def cell_table(preset: Preset, all_cells: Sequence[Cell], task: str) -> list[str
     return lines
 
 
-def comparison_table(results: Sequence[Result], task: str) -> list[str]:
+def _points(value: float) -> str:
+    return f"{100 * value:+.2f}"
+
+
+def comparison_table(
+    results: Sequence[Result],
+    task: str,
+    *,
+    difference: Callable[[float], str] = _points,
+    unit: str = "points",
+) -> list[str]:
+    """The comparisons of ``task``; ``difference`` writes a difference in ``unit``."""
     lines = [
-        "| batch | a − b | what the difference isolates | seeds | difference (points) [95% CI] "
+        f"| batch | a − b | what the difference isolates | seeds | difference ({unit}) [95% CI] "
         "| p | p (Holm) | verdict for a |",
         "|---:|---|---|---:|---:|---:|---:|---|",
     ]
@@ -270,7 +312,7 @@ def comparison_table(results: Sequence[Result], task: str) -> list[str]:
             verdict += f" ({r.note})"
         lines.append(
             f"| {r.batch_size} | {r.a} − {r.b} | {r.isolates} | {r.n_a} + {r.n_b} "
-            f"| {100 * r.diff:+.2f} [{100 * r.low:+.2f}, {100 * r.high:+.2f}] "
+            f"| {difference(r.diff)} [{difference(r.low)}, {difference(r.high)}] "
             f"| {_p(r.p)} | {_p(r.p_holm)} | {verdict} |"
         )
     return lines
@@ -378,11 +420,24 @@ def correlation_table(items: Sequence[tuple[str, list[tuple[float, float, int]]]
     return lines
 
 
-def tuning_table(preset: Preset, all_cells: Sequence[Cell], task: str) -> list[str]:
+def _pct1(value: float) -> str:
+    return _pct(value, 1)
+
+
+def tuning_table(
+    preset: Study,
+    all_cells: Sequence[Cell],
+    task: str,
+    *,
+    value: Callable[[float], str] = _pct1,
+    metric: str = "validation acc. %",
+) -> list[str]:
+    """The tuning points of ``task``'s cells: the grid, then the settings at the chosen rate,
+    each with its mean ``metric`` over the tuning seeds (written by ``value``)."""
     seeds = len(preset.tune_seeds)
     lines = [
-        f"| batch | arm | lr grid (validation acc. %, mean of {seeds} seeds) "
-        "| settings at the chosen lr (validation acc. %) |",
+        f"| batch | arm | lr grid ({metric}, mean of {seeds} seeds) "
+        f"| settings at the chosen lr ({metric}) |",
         "|---:|---|---|---|",
     ]
     for c in (c for c in all_cells if c.task == task):
@@ -393,14 +448,14 @@ def tuning_table(preset: Preset, all_cells: Sequence[Cell], task: str) -> list[s
         grid = []
         for k in state.grid:
             lr = preset.lr(arm, task, k)
-            value = state.scores.get((lr, state.settings[0]))
-            text = f"{lr:g}: {_pct(value, 1)}" if value is not None else f"{lr:g}: …"
+            score = state.scores.get((lr, state.settings[0]))
+            text = f"{lr:g}: {value(score)}" if score is not None else f"{lr:g}: …"
             grid.append(f"**{text}**" if lr == state.lr else text)
         axis = []
         if state.lr is not None:
             for setting in state.settings:
-                value = state.scores.get((state.lr, setting))
-                text = f"{setting}: {_pct(value, 1)}" if value is not None else f"{setting}: …"
+                score = state.scores.get((state.lr, setting))
+                text = f"{setting}: {value(score)}" if score is not None else f"{setting}: …"
                 axis.append(f"**{text}**" if setting == state.setting else text)
         lines.append(f"| {c.batch_size} | {c.arm} | {', '.join(grid)} | {', '.join(axis)} |")
     return lines

@@ -1,25 +1,28 @@
 """Run the protocol: plan, train (in this process or a pool of workers), append rows to the CSV.
 
-The CSV is the benchmark's only state: every finished run is appended (and flushed) as one
-row, and the plan is recomputed from the rows, so a benchmark stopped at any point resumes
-where it was. With ``jobs > 1`` the runs go to that many worker processes (``spawn``, one
-torch thread each), which may share one GPU; a new run starts as soon as a worker is free and
-the plan allows one. After ``max_minutes`` no run is started; the runs in flight finish.
+The CSV is the only state: every finished run is appended (and flushed) as one row, and the
+plan is recomputed from the rows, so a benchmark (or a ``compare``) stopped at any point
+resumes where it was. With ``jobs > 1`` the runs go to that many worker processes (``spawn``,
+one torch thread each), which may share one GPU; a new run starts as soon as a worker is free
+and the plan allows one. After ``max_minutes`` no run is started; the runs in flight finish.
+:func:`run_study` runs any :class:`~lightning_tvlars.bench.protocol.Study` with a training
+function; :func:`run_protocol` is the benchmark's.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from lightning_tvlars.bench.protocol import Preset, RunSpec, plan
+from lightning_tvlars.bench.protocol import Preset, RunSpec, Study, plan
 
 FIELDS = (
     "task",
@@ -60,35 +63,37 @@ FIELDS = (
 Row = dict[str, Any]
 
 
-def read_rows(path: Path) -> list[Row]:
-    """The rows of a benchmark CSV (none if it does not exist).
+def read_rows(path: Path, fields: Sequence[str] = FIELDS) -> list[Row]:
+    """The rows of a CSV with the columns ``fields`` (none if it does not exist).
 
     Raises:
-        ValueError: the file has other columns (a CSV of an older benchmark version).
+        ValueError: the file has other columns (a CSV of an older version, or of another
+            command).
     """
     if not path.exists():
         return []
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is not None and tuple(reader.fieldnames) != FIELDS:
+        if reader.fieldnames is not None and tuple(reader.fieldnames) != tuple(fields):
+            whose = "this benchmark's" if tuple(fields) == FIELDS else "this command's"
             raise ValueError(
-                f"{path} has the columns {reader.fieldnames}, not this benchmark's: write to "
-                "another --out folder (or move the old file away)"
+                f"{path} has the columns {reader.fieldnames}, not {whose}: write to another "
+                "--out folder (or move the old file away)"
             )
         return list(reader)
 
 
-def append_row(path: Path, row: Mapping[str, Any]) -> Row:
+def append_row(path: Path, row: Mapping[str, Any], fields: Sequence[str] = FIELDS) -> Row:
     """Append ``row`` to the CSV (header first if new), flushed; return it as strings."""
     new = not path.exists() or path.stat().st_size == 0
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
         writer.writerow(row)
         f.flush()
         os.fsync(f.fileno())
-    return {k: str(row[k]) for k in FIELDS}
+    return {k: str(row[k]) for k in fields}
 
 
 def _worker_init(threads: int) -> None:
@@ -102,7 +107,7 @@ def _worker_init(threads: int) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _train(spec: RunSpec, preset: Preset, device: str) -> Row:
+def _train(spec: RunSpec, *, preset: Preset, device: str) -> Row:
     from lightning_tvlars.bench.train import run
 
     return run(spec, preset, device)
@@ -155,6 +160,53 @@ def run_protocol(
         log: receives one progress line per finished run.
 
     Returns:
+        What :func:`run_study` returns.
+    """
+    for row in read_rows(path):
+        if row["task"] in preset.epochs and int(row["epochs"]) != preset.epochs[row["task"]]:
+            raise ValueError(
+                f"{path} holds {row['task']} runs of {row['epochs']} epochs, not the "
+                f"{preset.epochs[row['task']]} of preset {preset.name!r}: write to another --out "
+                "folder"
+            )
+    return run_study(
+        preset,
+        path,
+        train=functools.partial(_train, preset=preset, device=device),
+        jobs=jobs,
+        max_minutes=max_minutes,
+        log=log,
+    )
+
+
+def run_study(
+    study: Study,
+    path: Path,
+    *,
+    train: Callable[[RunSpec], Row],
+    jobs: int,
+    fields: Sequence[str] = FIELDS,
+    max_minutes: float | None = None,
+    log: Callable[[str], None] = print,
+    line: Callable[[Mapping[str, Any]], str] = _line,
+    status: Callable[[Sequence[Row]], str] | None = None,
+    write: bool = True,
+) -> tuple[list[Row], list[str]]:
+    """Run (or resume) the protocol of ``study``, appending to the CSV at ``path``.
+
+    Args:
+        study: what to run.
+        path: the CSV with the columns ``fields`` (read first: finished runs are not repeated).
+        train: trains one run and returns its row (picklable when ``jobs > 1``).
+        jobs: runs in parallel (worker processes); 1 runs them in this process.
+        max_minutes: no run starts after this many minutes (``None``: no limit).
+        log: receives one progress line per finished run.
+        line: describes a finished run's row in its progress line.
+        status: the rows so far -> where the whole protocol stands (put after the count).
+        write: append rows to ``path`` (``False``: keep them in memory only, e.g. on the
+            ranks other than 0 of a distributed run).
+
+    Returns:
         All rows of the CSV, and one message per run that raised (such a run is not retried
         in this call; the others go on, unless the first ``jobs`` runs all fail, which stops
         the launching of runs: a setup error such as a missing device or data file).
@@ -162,14 +214,7 @@ def run_protocol(
     if jobs < 1:
         raise ValueError(f"jobs={jobs!r} is invalid: expected an int >= 1")
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = read_rows(path)
-    for row in rows:
-        if row["task"] in preset.epochs and int(row["epochs"]) != preset.epochs[row["task"]]:
-            raise ValueError(
-                f"{path} holds {row['task']} runs of {row['epochs']} epochs, not the "
-                f"{preset.epochs[row['task']]} of preset {preset.name!r}: write to another --out "
-                "folder"
-            )
+    rows = read_rows(path, fields)
     started = time.monotonic()
     deadline = math.inf if max_minutes is None else started + 60.0 * max_minutes
     failed: dict[tuple[Any, ...], str] = {}
@@ -189,12 +234,12 @@ def run_protocol(
     with executor:
         while True:
             busy = {spec.key for spec in in_flight.values()} | set(failed)
-            todo = [spec for spec in plan(preset, rows) if spec.key not in busy]
+            todo = [spec for spec in plan(study, rows) if spec.key not in busy]
             if time.monotonic() < deadline and not broken:
                 while todo and len(in_flight) < jobs:
                     spec = todo.pop(0)
                     try:
-                        in_flight[executor.submit(_train, spec, preset, device)] = spec
+                        in_flight[executor.submit(train, spec)] = spec
                     except BrokenExecutor as err:  # a worker died (killed, out of memory)
                         broken = True
                         log(f"worker pool broken ({err}): no more runs are started")
@@ -218,10 +263,15 @@ def run_protocol(
                         broken = True  # nothing has worked: a setup error, not a bad run
                         log(f"the first {len(failed)} run(s) all failed: no more runs are started")
                     continue
-                rows.append(append_row(path, future.result()))
-                finished_runs += 1
-                log(
-                    f"{stamp} {finished_runs:>4} done, {len(in_flight)} running, "
-                    f"{len(todo)} ready | {_line(rows[-1])}"
+                row = future.result()
+                rows.append(
+                    append_row(path, row, fields) if write else {k: str(row[k]) for k in fields}
                 )
+                finished_runs += 1
+                where = (
+                    status(rows)
+                    if status is not None
+                    else f"{len(in_flight)} running, {len(todo)} ready"
+                )
+                log(f"{stamp} {finished_runs:>4} done, {where} | {line(rows[-1])}")
     return rows, list(failed.values())

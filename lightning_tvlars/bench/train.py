@@ -201,13 +201,20 @@ def phase_setting(setting: str, total_steps: int) -> PhaseConfig:
     )
 
 
-def arm_config(arm: Arm, spec: RunSpec, total_steps: int) -> TVLARSConfig:
+#: What an arm leaves to the model: the parameters and their decay (``arm_config``'s ``base``).
+MODEL_FIELDS = ("weight_decay", "base_batch_size", "select", "exclude", "include", "overrides")
+
+
+def arm_config(
+    arm: Arm, spec: RunSpec, total_steps: int, base: TVLARSConfig | None = None
+) -> TVLARSConfig:
     """The :class:`~lightning_tvlars.TVLARSConfig` of an arm's run: the product's recipe for
     every arm (lightly's LARS takes the same groups and schedule).
 
     The setting's parts: ``half=f`` / ``authors`` the phase (``authors`` with the authors' norm
     clamp at 10 for LARS), ``warmup=f`` the warm-up fraction, ``trust=c`` LARS's trust
-    coefficient.
+    coefficient. :data:`MODEL_FIELDS` (weight decay 5e-4, the default groups) come from
+    ``base`` when given (a model's own config), the same for every arm.
     """
     setting = spec.setting
     options: dict[str, Any] = {}
@@ -225,12 +232,13 @@ def arm_config(arm: Arm, spec: RunSpec, total_steps: int) -> TVLARSConfig:
     trust = setting_value(setting, "trust")
     if trust is not None:
         options["trust_coefficient"] = trust
+    model = {name: getattr(base or TVLARSConfig(weight_decay=5e-4), name) for name in MODEL_FIELDS}
     return TVLARSConfig(
         optimizer="lamb" if arm.optimizer == "lamb" else "lars",
         lr=spec.lr,
         lr_scaling=arm.lr_scaling,  # type: ignore[arg-type]
-        weight_decay=5e-4,
         lr_schedule=arm.annealing,  # type: ignore[arg-type]
+        **model,
         **options,
     )
 
@@ -354,7 +362,7 @@ def _probe(
     )
 
 
-def _sharpness_columns(prefix: str, report: SharpnessReport | None) -> dict[str, str]:
+def sharpness_columns(prefix: str, report: SharpnessReport | None) -> dict[str, str]:
     """``{prefix}_{measure}`` CSV cells of :data:`SHARPNESS_FIELDS` (empty when not measured)."""
     values = {name: getattr(report, name, None) for name in SHARPNESS_FIELDS}
     return {
@@ -478,8 +486,8 @@ def run(
         "converged": int(not diverged and train_acc >= preset.converged_train_accuracy[spec.task]),
         "diverged": int(diverged),
         "early_step": early_step,
-        **_sharpness_columns("early", early),
-        **_sharpness_columns("end", end),
+        **sharpness_columns("early", early),
+        **sharpness_columns("end", end),
         "probe_seconds": f"{probe_seconds:.2f}",
         "wall_seconds": f"{time.perf_counter() - start:.2f}",
         "device": device.type,

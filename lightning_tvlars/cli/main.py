@@ -17,6 +17,10 @@ from collections.abc import Sequence
 #: Commands handled outside LightningCLI: name -> ("module:function", one-line description).
 EXTRA_COMMANDS = {
     "bench": ("lightning_tvlars.bench.accuracy:main", "accuracy benchmark: TVLARS vs baselines"),
+    "compare": (
+        "lightning_tvlars.compare.cli:main",
+        "does TVLARS help on my model? the benchmark's protocol on any LightningModule",
+    ),
     "bench-step": ("lightning_tvlars.bench.step:main", "optimizer step speed"),
     "bench-monitor": ("lightning_tvlars.bench.monitor:main", "training cost of TVLARSMonitor"),
     "plot": ("lightning_tvlars.cli.plot:main", "draw a run's TVLARS metrics to a PNG: plot LOGDIR"),

@@ -238,9 +238,9 @@ def test_top_level_help_lists_every_command(
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr().out
     assert "fit" in out and "BarlowTwins1D" in out
-    for command in ("bench", "bench-step", "bench-monitor", "plot"):
+    for command in ("bench", "compare", "bench-step", "bench-monitor", "plot"):
         assert f"\n  {command} " in out, command
-    assert set(EXTRA_COMMANDS) == {"bench", "bench-step", "bench-monitor", "plot"}
+    assert set(EXTRA_COMMANDS) == {"bench", "compare", "bench-step", "bench-monitor", "plot"}
 
 
 @pytest.mark.parametrize("flag", ["--version", "-V"])
