@@ -6,10 +6,16 @@ import os
 import random
 from collections.abc import Iterator
 
+# One intra-op thread in this process and in every process a test starts: the tests' tensors
+# are tiny, and on a 2-core machine with anything else running, OpenMP threads spinning against
+# each other make them 10-30x slower (a CLI fit went from 20 s past its 300 s timeout).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
 import pytest
 import torch
 
-os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -24,16 +24,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_tvlars.bench import accuracy, protocol, report, runner, stats, train
 from lightning_tvlars.bench.protocol import ARMS, PRESETS, Preset, Probe, RunSpec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Small ops on a busy machine: one thread avoids OpenMP spin contention (10-30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------ statistics
 # Reference values computed once with SciPy 1.17.1 (scipy.stats.ttest_ind(a, b,
 # equal_var=False) and its confidence_interval(0.95), scipy.stats.t.ppf, scipy.stats.spearmanr)

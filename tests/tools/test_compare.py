@@ -37,15 +37,6 @@ BORING = [
 REGRESSION = ["--model", "compare_models.Regression", "--data", "compare_models.RegressionData"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    """Small ops on a busy machine: one thread avoids OpenMP spin contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------ options
 
 
