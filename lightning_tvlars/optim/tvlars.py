@@ -43,6 +43,7 @@ from lightning_tvlars.optim.trust import (
     accumulation_dtype,
     compute_dtype,
     empty_result,
+    kernel_lr,
     layerwise_step,
     no_reduction,
     tensor_norms,
@@ -62,7 +63,7 @@ class LarsGroup(NamedTuple):
     weights: list[Tensor]  # their local tensors, read and written
     grads: list[Tensor]  # local, laid out like the weights
     momentum_buffers: list[Tensor]  # local; empty when momentum == 0
-    lr: float
+    lr: float | Tensor  # a tensor: read by the kernels on the device
     momentum: float
     weight_decay: float
     trust_coefficient: float
@@ -82,8 +83,9 @@ class TVLARS(LayerwiseOptimizer):
             SGD); any other key (``param_names``, ``name``, timm's ``lr_scale``) is carried
             along. :func:`~lightning_tvlars.param_groups` builds the usual split (biases and
             normalization parameters not adapted, not decayed).
-        lr: learning rate, a float > 0. TVLARS uses no warm-up: this is the rate from the first
-            step.
+        lr: learning rate > 0: a float, or a 0-d tensor (as torch's optimizers take it) that a
+            scheduler writes in place and the step reads on the device. TVLARS uses no warm-up:
+            this is the rate from the first step.
         momentum: heavy-ball momentum in [0, 1).
         weight_decay: >= 0, folded into the update ``u = g + weight_decay * w``.
         trust_coefficient: ``eta`` > 0 of the trust ratio ``eta * ||w|| / ||u||``.
@@ -100,6 +102,11 @@ class TVLARS(LayerwiseOptimizer):
             whose layout the fused kernels cannot take (views with gaps, gradients with other
             strides than their parameter) and 16-bit tensors (computed in float32) take the
             elementwise path.
+        capturable: keep t, the learning rates and phi(t) on the parameters' device (float
+            rates become 0-d tensors there; phi is computed there from t, see
+            :meth:`~lightning_tvlars.SigmoidPhase.tensor`), so that a step reads nothing on the
+            host and can be captured in a CUDA graph or compiled once for a whole run. Costs a
+            few scalar kernels per step; see "Capturable step and CUDA graphs" in the docs.
 
     The step count t is stored in every parameter group (``group["step"]``), so it travels with
     ``state_dict()`` under every checkpointing scheme and loads with
@@ -146,7 +153,7 @@ class TVLARS(LayerwiseOptimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float,
+        lr: float | Tensor,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         trust_coefficient: float = 1e-3,
@@ -156,6 +163,7 @@ class TVLARS(LayerwiseOptimizer):
         nesterov: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
+        capturable: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -168,7 +176,7 @@ class TVLARS(LayerwiseOptimizer):
             "maximize": maximize,
             "foreach": foreach,
         }
-        super().__init__(params, defaults, phase)
+        super().__init__(params, defaults, phase, capturable)
 
     @classmethod
     def reference(
@@ -223,7 +231,7 @@ class TVLARS(LayerwiseOptimizer):
         """Take one TVLARS step; ``closure`` (re-evaluating the loss) runs with grad enabled."""
         loss = self._evaluate(closure)
         groups = []
-        for group, tensors in zip(self.param_groups, self._gather(self._init_state), strict=True):
+        for group, tensors in zip(self.param_groups, self._gather(), strict=True):
             if not tensors.params:
                 continue
             buffers = (
@@ -424,7 +432,7 @@ def _multi_tensor_apply(
             batch.state[0] if group.momentum_buffers else [],
             weight_decay=0.0,
             momentum=group.momentum,
-            lr=group.lr,
+            lr=kernel_lr(group.lr, first.owner.device),
             dampening=0.0,
             nesterov=group.nesterov,
             maximize=group.maximize,
