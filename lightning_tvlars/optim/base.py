@@ -141,7 +141,8 @@ class LayerwiseOptimizer(Optimizer):
             if not self.capturable:
                 return lr
             dtype = accumulation_dtype([local_tensor(p) for p in group["params"]])
-            return torch.tensor(float(lr), dtype=dtype, device=_device_of(group["params"]))
+            device = _device_of(group["params"])
+            return _static(torch.tensor(float(lr), dtype=dtype, device=device))
         if lr.ndim != 0 or not lr.is_floating_point() or lr.requires_grad:
             raise ValueError(
                 f"lr={lr!r} is invalid: expected a float > 0 or a 0-d floating-point tensor "
@@ -154,7 +155,7 @@ class LayerwiseOptimizer(Optimizer):
                 f"lr on {lr.device} is invalid with capturable=True: expected a tensor on the "
                 f"parameters' device {device} (a CUDA graph reads it there), or a float"
             )
-        return lr
+        return _static(lr) if self.capturable else lr
 
     def _clock_value(self, step: int | Tensor) -> int | Tensor:
         """t as this optimizer keeps it: an int, or with ``capturable`` an int64 0-d tensor on
@@ -164,8 +165,8 @@ class LayerwiseOptimizer(Optimizer):
             return int(step)
         device = _device_of([p for group in self.param_groups for p in group["params"]])
         if isinstance(step, Tensor) and step.dtype == torch.int64 and step.device == device:
-            return step
-        return torch.as_tensor(step).to(device, torch.int64)
+            return _static(step)
+        return _static(torch.as_tensor(step).to(device, torch.int64))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validate the subclass's options of a new group (raise naming the option)."""
@@ -375,6 +376,14 @@ class LayerwiseOptimizer(Optimizer):
             return None
         with torch.enable_grad():
             return closure()
+
+
+def _static(t: Tensor) -> Tensor:
+    """Mark a tensor the step reads (and t, which it advances) as staying where it is, so that
+    ``torch.compile(mode="reduce-overhead")`` reads it in place instead of copying it into its
+    CUDA graph every step (and does not refuse to graph a step that advances t)."""
+    torch._dynamo.mark_static_address(t)
+    return t
 
 
 def _device_of(params: Sequence[Tensor]) -> torch.device:
