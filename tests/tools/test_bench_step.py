@@ -205,8 +205,10 @@ def test_captured_steps_are_refused_off_cuda_and_labelled_with_their_capture_tim
     with pytest.raises(SystemExit) as exit_info:
         step.main(["--device=cpu", "--sets=tiny", "--optimizers", "TVLARS graph", "LAMB"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(
-        "error: TVLARS graph capture a CUDA graph: they need --device cuda"
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith("error: TVLARS graph capture a CUDA graph: they need --device cuda")
     )
     row = step.Result("TVLARS graph", 0.5, 0, 0, 1.0, kernels=30, compile_s=0.25)
     base = step.Result("SGD foreach", 1.0, 6, 0, 1.0, kernels=4)
