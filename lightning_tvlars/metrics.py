@@ -112,11 +112,20 @@ def _ratio_summary(stats: StepStats) -> Tensor:
     return torch.stack([chosen.min(), chosen.median(), chosen.max()])
 
 
-def _adapted_lr(stats: StepStats, optimizer: LayerwiseOptimizer) -> float:
+def _adapted_lr(stats: StepStats, optimizer: LayerwiseOptimizer) -> float | Tensor:
+    """The rate of the first adapted tensor (of the first tensor if none is adapted); a tensor
+    rate stays a tensor (read with the others, see :func:`read_step`)."""
     lr = next((lr for lr, a in zip(stats.lr, stats.adapted, strict=True) if a), None)
     if lr is None:
-        lr = stats.lr[0] if stats.lr else float(optimizer.param_groups[0]["lr"])
-    return float(lr)
+        lr = stats.lr[0] if stats.lr else optimizer.param_groups[0]["lr"]
+    return lr if isinstance(lr, Tensor) else float(lr)
+
+
+def _scalar(value: float | int | Tensor) -> Tensor:
+    """A 0-d float tensor of ``value``: a device tensor stays on its device (no host read)."""
+    if isinstance(value, Tensor):
+        return value.detach().float()
+    return torch.tensor(float(value))
 
 
 def summary_tensors(
@@ -136,12 +145,9 @@ def summary_tensors(
     if stats is None:
         return {}
     summary = _ratio_summary(stats)
-    phase = stats.phase
     out = {
-        f"{prefix}/phase": phase.detach().float()
-        if isinstance(phase, Tensor)
-        else torch.tensor(float(phase)),
-        f"{prefix}/lr": torch.tensor(_adapted_lr(stats, tvlars)),
+        f"{prefix}/phase": _scalar(stats.phase),
+        f"{prefix}/lr": _scalar(_adapted_lr(stats, tvlars)),
         f"{prefix}/skipped": stats.skipped.detach().float(),
         f"{prefix}/trust_ratio_min": summary[0],
         f"{prefix}/trust_ratio_median": summary[1],
@@ -192,6 +198,13 @@ class Reading:
         return {**self.scalars, **self.per_layer}
 
 
+def _slot(value: object, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``value`` as one element of :func:`read_step`'s copy when it is a tensor (else 0)."""
+    if isinstance(value, Tensor):
+        return value.to(device, dtype).view(1)
+    return torch.zeros(1, dtype=dtype, device=device)
+
+
 def read_step(
     optimizer: object,
     grad_norm: Tensor,
@@ -219,7 +232,8 @@ def read_step(
         return None
     n = len(stats.params)
     dtype, device = stats.weight_norm.dtype, stats.weight_norm.device
-    phase = stats.phase  # a 0-d tensor when the step ran under torch.compile
+    # phi, the rate and t are 0-d tensors under torch.compile or with capturable=True
+    phase, lr, step = stats.phase, _adapted_lr(stats, tvlars), stats.step
     packed = torch.cat(
         [
             stats.weight_norm,
@@ -227,18 +241,14 @@ def read_step(
             stats.trust_ratio,
             _ratio_summary(stats).to(dtype),
             stats.skipped.to(dtype).view(1),
-            (
-                phase.to(device, dtype)
-                if isinstance(phase, Tensor)
-                else torch.zeros((), dtype=dtype, device=device)
-            ).view(1),
+            *(_slot(x, device, dtype) for x in (phase, lr, step)),
         ]
     ).tolist()  # the one device-to-host copy of this read
     weight_norm, grads, trust = packed[:n], packed[n : 2 * n], packed[2 * n : 3 * n]
-    r_min, r_med, r_max, skipped, phase_value = packed[3 * n :]
+    r_min, r_med, r_max, skipped, phase_value, lr_value, step_value = packed[3 * n :]
     scalars = {
         f"{prefix}/phase": phase_value if isinstance(phase, Tensor) else float(phase),
-        f"{prefix}/lr": _adapted_lr(stats, tvlars),
+        f"{prefix}/lr": lr_value if isinstance(lr, Tensor) else float(lr),
         f"{prefix}/skipped": skipped,
         f"{prefix}/trust_ratio_min": r_min,
         f"{prefix}/trust_ratio_median": r_med,
@@ -269,7 +279,7 @@ def read_step(
     tiny = torch.finfo(stats.weight_norm.dtype).tiny
     lnr = stats.weight_norm / grad_norm.to(stats.weight_norm).clamp_min(tiny)
     return Reading(
-        step=stats.step,
+        step=round(step_value) if isinstance(step, Tensor) else step,
         scalars=scalars,
         per_layer=layers,
         names=layer_names,

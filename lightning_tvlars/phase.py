@@ -10,8 +10,10 @@ optimizer steps and ``floor`` (:math:`\gamma_{\min}`) the value TVLARS settles t
 behaves like LARS with its trust ratio scaled by ``floor``.
 
 :math:`\phi` is a pure function of the step count, evaluated on the host in float64, so the
-optimizer never reads a device value to get it. It is overflow-safe: where :math:`e^{\lambda(t-d)}`
-would overflow a float64, :math:`\phi` is exactly ``floor``; it is never ``inf`` or ``nan``.
+optimizer never reads a device value to get it; a capturable step (and a compiled one) evaluates
+the same formula on the device from its own step count, in float64 there too
+(:meth:`SigmoidPhase.tensor`). It is overflow-safe: where :math:`e^{\lambda(t-d)}` would overflow
+a float64, :math:`\phi` is exactly ``floor``; it is never ``inf`` or ``nan``.
 """
 
 from __future__ import annotations
@@ -83,11 +85,12 @@ class SigmoidPhase:
         return 1.0 / (self.alpha + math.exp(exponent)) + self.floor
 
     def tensor(self, step: Tensor) -> Tensor:
-        """phi as a tensor operation, for traced code (``torch.compile``, CUDA graphs).
+        """phi as a tensor operation on ``step``'s device, for a capturable step, traced code
+        (``torch.compile``) and CUDA graphs: the float64 formula of :meth:`__call__`.
 
         ``exp`` overflowing to ``inf`` gives ``1 / inf == 0``: exactly ``floor``, never nan.
         """
-        exponent = (step.to(torch.float32) - self.delay) * self.decay
+        exponent = (step.to(_device_float(step)) - self.delay) * self.decay
         return torch.reciprocal(torch.exp(exponent) + self.alpha) + self.floor
 
     @property
@@ -214,5 +217,10 @@ class ConstantPhase:
         return self.value
 
     def tensor(self, step: Tensor) -> Tensor:
-        """The same value as a tensor op, for traced code."""
-        return torch.full_like(step, self.value, dtype=torch.float32)
+        """The same value as a tensor op on ``step``'s device, for traced code."""
+        return torch.full_like(step, self.value, dtype=_device_float(step))
+
+
+def _device_float(step: Tensor) -> torch.dtype:
+    """float64 for the phase's arithmetic, but where the device has none (Apple's MPS)."""
+    return torch.float32 if step.device.type == "mps" else torch.float64

@@ -201,6 +201,11 @@ class TVLARSConfig:
         overrides: per-selector ``lr_scale``, ``weight_decay`` and ``adapt``
             (:class:`~lightning_tvlars.GroupOverride`), in order; YAML:
             ``[{match: "head.*", lr_scale: 0.1}]``.
+        capturable: keep t, the learning rate and phi(t) as tensors on the parameters' device
+            (the optimizer's ``capturable=True``; the scheduler writes the rate in place), so
+            that the step can be compiled once for the whole run
+            (``torch.compile(optimizer.step, fullgraph=True)``) or captured in a CUDA graph. Off
+            by default: an eager step is as fast without it (it adds a few scalar kernels).
     """
 
     optimizer: Optimizer = "lars"
@@ -226,6 +231,7 @@ class TVLARSConfig:
     exclude: list[str] = field(default_factory=list)
     include: list[str] = field(default_factory=list)
     overrides: list[GroupOverride] = field(default_factory=list)
+    capturable: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.phase, dict):
@@ -295,6 +301,7 @@ class TVLARSConfig:
                 "weight_decay": self.weight_decay,
                 "max_grad_norm": self.max_grad_norm,
                 "trust_clip": self.trust_clip,
+                "capturable": self.capturable,
             }
         return {
             "lr": self.lr,
@@ -303,6 +310,7 @@ class TVLARSConfig:
             "trust_coefficient": self.trust_coefficient,
             "norm_clip": self.norm_clip,
             "nesterov": self.nesterov,
+            "capturable": self.capturable,
         }
 
 

@@ -24,6 +24,16 @@ and the groups show it between steps, whether or not ``step()`` is called. A rat
 something else wrote (a second scheduler, a callback) is refused at the next step: two owners
 of the learning rate are never silently combined.
 
+A group whose rate is a tensor (``lr=torch.tensor(...)``, or ``capturable=True``) gets it
+written in place (``fill_``: the tensor a compiled or captured step reads is never replaced, and
+never read back) by :meth:`~TVLARSScheduler.step` and when the plan changes, not by the hooks:
+the step stays free of host values, so call ``step()`` after every optimizer step, as for
+torch's schedulers (Lightning and the Fabric adapter do). With ``capturable=True`` the clock is
+then this scheduler's own count of ``step()`` calls (the optimizer's ``t`` is on the device);
+the phase is computed on the device from the optimizer's ``t``. A rate replaced by another
+object is refused as above; one written in place by someone else cannot be seen without a host
+read.
+
 The run a schedule is planned for can change (a resume into a longer run, another batch size
 or device count, an accumulation schedule, a time budget). :meth:`~TVLARSScheduler.plan_for`
 re-plans without a jump: the warm-up and the annealing continue from their current value to
@@ -41,6 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -216,8 +227,17 @@ class TVLARSScheduler(LRScheduler):
         self.changes: list[str] = []
         self._paused: Callable[[], bool] | None = None
         self._held: ConstantPhase | None = None
-        self._written: list[float] | None = None  # what this scheduler last wrote into the groups
+        # What this scheduler last wrote into the groups (a tensor rate: the tensor itself).
+        self._written: list[float | Tensor] | None = None
+        wrapped = "step" in vars(optimizer)
         super().__init__(optimizer)
+        if not wrapped and getattr(vars(optimizer).get("step"), "_wrapped_by_lr_sched", False):
+            # torch's LRScheduler wraps optimizer.step to count calls for a warning of its own
+            # step() (which this one replaces), in a function torch.compile refuses to trace:
+            # ``torch.compile(optimizer.step, fullgraph=True)`` needs the optimizer's own step.
+            del optimizer.step
+        # torch keeps tensor base rates as tensors: read them once, here, never per step.
+        self.base_lrs = [float(b) for b in self.base_lrs]
         self._install_phase()
         if self.external:
             self._hand_over_the_rate()
@@ -288,9 +308,13 @@ class TVLARSScheduler(LRScheduler):
 
     @property
     def clock(self) -> int:
-        """t: the optimizer's own step count (the scheduler's count for other optimizers)."""
-        count = getattr(self.optimizer, "step_count", None)
-        return int(count) if isinstance(count, int) else max(self.last_epoch, 0)
+        """t: the optimizer's own step count; this scheduler's count of ``step()`` calls for
+        other optimizers and for a capturable one (whose ``t`` is on the device)."""
+        if not getattr(self.optimizer, "capturable", False):
+            count = getattr(self.optimizer, "step_count", None)
+            if isinstance(count, int):
+                return count
+        return max(self.last_epoch, 0)
 
     def lr_factor(self, step: int) -> float:
         """``a(t)``: the warm-up and annealing factor at ``step`` (without the batch factor)."""
@@ -341,16 +365,30 @@ class TVLARSScheduler(LRScheduler):
         self.last_epoch += 1
         self._apply()
 
-    def _write(self, rates: list[float]) -> None:
+    def _write(self, rates: list[float], *, in_step: bool = False) -> None:
+        """Write ``rates`` into the groups: floats replace the groups' rates, tensor rates are
+        filled in place; ``in_step`` (the optimizer's hooks) leaves tensor rates alone."""
+        written: list[float | Tensor] = []
         for group, lr in zip(self.optimizer.param_groups, rates, strict=True):
-            group["lr"] = lr
+            current = group["lr"]
+            if not isinstance(current, Tensor):
+                group["lr"] = lr
+                written.append(lr)
+                continue
+            if not in_step:
+                current.fill_(lr)
+            written.append(current)
         self._last_lr = list(rates)
-        self._written = list(rates)
+        self._written = written
 
-    def _apply(self) -> None:
-        """Write this step's learning rates (unless external) and install the phase."""
-        if not self.external and not self.paused:
-            self._write(self.get_lr())
+    def _apply(self, *, in_step: bool = False) -> None:
+        """Write this step's learning rates (unless external) and install the phase; from the
+        optimizer's hooks (``in_step``) only float rates, so that a step with tensor rates
+        computes nothing on the host (the clock, the rates)."""
+        groups = self.optimizer.param_groups
+        tensors_only = all(isinstance(g["lr"], Tensor) for g in groups)
+        if not self.external and not self.paused and not (in_step and tensors_only):
+            self._write(self.get_lr(), in_step=in_step)
         self._install_phase()
 
     def _install_phase(self) -> None:
@@ -372,7 +410,9 @@ class TVLARSScheduler(LRScheduler):
             for i, (group, lr) in enumerate(
                 zip(optimizer.param_groups, self._written, strict=False)
             ):
-                if group["lr"] != lr:
+                current = group["lr"]
+                tensors = isinstance(lr, Tensor) or isinstance(current, Tensor)
+                if (current is not lr) if tensors else (current != lr):
                     raise ValueError(
                         f"the learning rate of group {i} is {group['lr']!r}, but TVLARSScheduler "
                         f"set {lr!r}: something else wrote it (a second LR scheduler on this "
@@ -382,13 +422,13 @@ class TVLARSScheduler(LRScheduler):
                         "lr_schedule='cosine' or 'polynomial'); change the base rate with "
                         "set_base_lr"
                     )
-        self._apply()
+        self._apply(in_step=True)
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         """After every optimizer step: write the rate of the next one, so that the groups show
         the rate the next step applies whether or not ``step()`` is called (manual
-        optimization, a loop of one's own)."""
-        self._apply()
+        optimization, a loop of one's own); tensor rates wait for ``step()``."""
+        self._apply(in_step=True)
 
     @property
     def paused(self) -> bool:

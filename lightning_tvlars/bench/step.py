@@ -119,19 +119,26 @@ def make_params(shapes: Sequence[torch.Size], device: str, seed: int = 0) -> lis
     return params
 
 
-def _tvlars(foreach: bool | None) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+def _tvlars(
+    foreach: bool | None, capturable: bool = False
+) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
     return lambda ps: TVLARS(
         split_by_ndim(ps, WEIGHT_DECAY),
         lr=1.0,
         momentum=0.9,
         phase=SigmoidPhase(decay=1e-3, delay=1000),
         foreach=foreach,
+        capturable=capturable,
     )
 
 
-def _lamb(foreach: bool | None) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
+def _lamb(
+    foreach: bool | None, capturable: bool = False
+) -> Callable[[list[nn.Parameter]], torch.optim.Optimizer]:
     """The package's LAMB with timm's defaults (``max_grad_norm=1.0``), as ``timm Lamb``."""
-    return lambda ps: LAMB(split_by_ndim(ps, WEIGHT_DECAY), lr=1e-3, foreach=foreach)
+    return lambda ps: LAMB(
+        split_by_ndim(ps, WEIGHT_DECAY), lr=1e-3, foreach=foreach, capturable=capturable
+    )
 
 
 def _lightly_lars(ps: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -151,7 +158,9 @@ def _timm(name: str, **kwargs: Any) -> Callable[[list[nn.Parameter]], torch.opti
 
 #: ``TVLARS`` is the default (``foreach=None``); ``TVLARS foreach`` forces the multi-tensor
 #: path, ``TVLARS per-tensor`` the elementwise one (``foreach=False``); ``TVLARS compiled``
-#: wraps the default step in ``torch.compile(fullgraph=True)``; likewise for ``LAMB``.
+#: wraps the default step in ``torch.compile(fullgraph=True)``; ``TVLARS graph`` (CUDA only) is
+#: the ``capturable=True`` step captured once in a CUDA graph and replayed; likewise for
+#: ``LAMB``.
 OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
     "SGD foreach": lambda ps: torch.optim.SGD(
         ps, lr=0.1, momentum=0.9, weight_decay=WEIGHT_DECAY, foreach=True
@@ -163,9 +172,11 @@ OPTIMIZERS: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
     "TVLARS foreach": _tvlars(True),
     "TVLARS per-tensor": _tvlars(False),
     "TVLARS compiled": _tvlars(None),
+    "TVLARS graph": _tvlars(None, capturable=True),
     "LAMB": _lamb(None),
     "LAMB per-tensor": _lamb(False),
     "LAMB compiled": _lamb(None),
+    "LAMB graph": _lamb(None, capturable=True),
     "lightly LARS": _lightly_lars,
     "timm Lars": _timm("Lars", momentum=0.9),
     "timm Lamb": _timm("Lamb"),
@@ -182,6 +193,8 @@ DEFAULT_OPTIMIZERS = (
     "timm Lars",
     "timm Lamb",
 )
+#: Added to the defaults on CUDA: the captured steps.
+GRAPHED = ("TVLARS graph", "LAMB graph")
 #: Optimizers of the package (their bars are green; on CUDA their steps run under the sync
 #: debugger).
 OURS = ("TVLARS", "LAMB")
@@ -243,6 +256,21 @@ def count_kernels(step: Callable[[], Any]) -> int:
     return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
 
 
+def captured(optimizer: torch.optim.Optimizer, warmup: int = 3) -> Callable[[], Any]:
+    """A capturable optimizer's step captured in a CUDA graph (after ``warmup`` eager steps on
+    a side stream, as torch asks): returns the graph's ``replay``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            optimizer.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        optimizer.step()
+    return graph.replay
+
+
 def _sync_free(step: Callable[[], Any]) -> bool:
     """True if ``step`` ran under ``torch.cuda.set_sync_debug_mode("error")``."""
     torch.cuda.set_sync_debug_mode("error")
@@ -298,6 +326,11 @@ def measure(
         step: Callable[[], Any] = optimizer.step
         compile_s = None
         compiled = name.endswith(" compiled")
+        if name.endswith(" graph"):
+            start = time.perf_counter()
+            step = captured(optimizer)
+            _sync(device)
+            compile_s = time.perf_counter() - start
         if compiled:
             step = torch.compile(optimizer.step, fullgraph=True)
             start = time.perf_counter()
@@ -410,6 +443,8 @@ def markdown(results: dict[str, list[Result]], device: str, environment: str) ->
         ]
         for r in rows:
             extra = f" (compile {r.compile_s:.0f} s)" if r.compile_s is not None else ""
+            if r.compile_s is not None and r.optimizer.endswith(" graph"):
+                extra = f" (capture {r.compile_s:.2f} s)"
             syncs = _cell(r.host_syncs)
             if r.sync_free is not None:
                 syncs += " (sync-debug: " + ("none" if r.sync_free else "SYNC") + ")"
@@ -512,9 +547,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--optimizers",
         nargs="+",
-        default=list(DEFAULT_OPTIMIZERS),
+        default=None,
         choices=list(OPTIMIZERS),
-        help="SGD foreach, the reference of the ratios, is always measured",
+        help="SGD foreach, the reference of the ratios, is always measured (default: "
+        f"{', '.join(DEFAULT_OPTIMIZERS)}, and on CUDA {', '.join(GRAPHED)})",
     )
     parser.add_argument(
         "--repeats",
@@ -534,6 +570,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="write step_<device>.md/.png here")
     args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.optimizers is None:
+        args.optimizers = [*DEFAULT_OPTIMIZERS, *(GRAPHED if cuda else ())]
+    graphs = [name for name in args.optimizers if name.endswith(" graph")]
+    if graphs and not cuda:
+        parser.error(f"{', '.join(graphs)} capture a CUDA graph: they need --device cuda")
     missing = missing_bench_modules(
         (name, NEEDS[name]) for name in args.optimizers if name in NEEDS
     )

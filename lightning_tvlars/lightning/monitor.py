@@ -31,6 +31,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 
 from lightning_tvlars._validation import check_positive, check_positive_int
 from lightning_tvlars.lightning._compat import lightning_classes
@@ -85,7 +86,7 @@ class TVLARSMonitor(pl.Callback):
         self.histograms = histograms
         self.warn_trust_ratio = warn_trust_ratio
         self.prog_bar = prog_bar
-        self._last_step: dict[int, int] = {}
+        self._last_step: dict[int, int | Tensor] = {}
         #: Logging steps of the current fit at which the loggers received metrics.
         self.logged_steps = 0
         self._warned = False
@@ -144,9 +145,14 @@ class TVLARSMonitor(pl.Callback):
         step = trainer.fit_loop.epoch_loop._batches_that_stepped  # Lightning's logging step
         for index, optimizer in enumerate(self._optimizers(trainer)):
             stats = optimizer.last_step_stats
-            if stats is None or self._last_step.get(index) == stats.step:
+            if stats is None:
+                continue
+            # t, or (capturable: t on the device, never read here) a tensor of the step itself
+            marker = stats.step if isinstance(stats.step, int) else stats.skipped
+            last = self._last_step.get(index)
+            if last is marker or (isinstance(marker, int) and last == marker):
                 continue  # this optimizer did not step since the last call
-            self._last_step[index] = stats.step
+            self._last_step[index] = marker
             prefix = metric_prefix(index)
             batch = self._effective_batch(trainer, optimizer)
             trainer.callback_metrics.update(

@@ -29,11 +29,13 @@ from lightning_tvlars.optim.norms import (
     local_tensor,
 )
 from lightning_tvlars.optim.trust import StepResult, StepStats, accumulation_dtype, tensor_norms
-from lightning_tvlars.optim.workspace import LayoutCache
+from lightning_tvlars.optim.workspace import LayoutCache, capturing
 from lightning_tvlars.phase import SigmoidPhase
 
 #: phi(t): a SigmoidPhase or any callable step -> float; None is phi == 1.
 Phase = SigmoidPhase | Callable[[int], float] | None
+#: A learning rate: a float, or a 0-d tensor that schedulers write in place.
+LR = float | Tensor
 
 
 class GroupTensors(NamedTuple):
@@ -58,7 +60,6 @@ class LayerwiseOptimizer(Optimizer):
     REFUSED: ClassVar[dict[str, object]] = {
         "dampening": 0,
         "differentiable": False,
-        "capturable": False,
         "fused": None,
         "amsgrad": False,
     }
@@ -68,17 +69,24 @@ class LayerwiseOptimizer(Optimizer):
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         defaults: dict[str, Any],
         phase: Phase,
+        capturable: bool = False,
     ) -> None:
         if phase is not None and not callable(phase):
             raise TypeError(
                 f"phase={phase!r} is invalid: expected a SigmoidPhase, a callable "
                 "step -> float, or None"
             )
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable={capturable!r} is invalid: expected True or False")
         self.phase = phase
+        #: t, the learning rates and phi(t) live on the device (see the subclasses' docstrings).
+        self.capturable = capturable
         self._layouts = LayoutCache()
         # Dict slots, not attributes: torch.compile replays dict mutations of the optimizer
-        # but drops attribute stores on it.
-        self._last: dict[str, tuple[int, float | Tensor, dict[int, str], StepResult]] = {}
+        # but drops attribute stores on it. The slot exists from the start: a compiled step
+        # guards on the dict's keys, which must not change from the first step to the next.
+        self._last: dict[str, tuple[int, float | Tensor, dict[int, str], StepResult] | None]
+        self._last = {"step": None}
         self._plans: dict[tuple[int, ...], ReductionPlan] = {}
         self._fsdp1_groups: ShardGroups = {}
         super().__init__(params, defaults)
@@ -86,7 +94,7 @@ class LayerwiseOptimizer(Optimizer):
     # ------------------------------------------------------------------ groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        step = self.param_groups[0]["step"] if self.param_groups else 0
+        step = self.param_groups[0]["step"] if self.param_groups else None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for key, neutral in self.REFUSED.items():
@@ -95,12 +103,13 @@ class LayerwiseOptimizer(Optimizer):
                     f"{key}={group[key]!r} is not supported by {type(self).__name__}: remove it "
                     f"(it implements {', '.join(self.OPTIONS)})"
                 )
-        if isinstance(group["lr"], Tensor):
+        if group.get("capturable", self.capturable) != self.capturable:
             raise ValueError(
-                f"lr={group['lr']!r} is invalid: a Tensor lr is not supported by "
-                f"{type(self).__name__}; expected a float > 0"
+                f"capturable={group['capturable']!r} in a group is invalid: it is one choice "
+                f"for the whole optimizer (one step count t for all groups); set it on "
+                f"{type(self).__name__}(..., capturable=...)"
             )
-        check_positive("lr", group["lr"])
+        group["lr"] = self._checked_lr(group)
         self._check_group(group)
         if group["foreach"] is not None and not isinstance(group["foreach"], bool):
             raise ValueError(
@@ -118,7 +127,46 @@ class LayerwiseOptimizer(Optimizer):
                     f"{type(self).__name__} supports dense real tensors, got a tensor of layout "
                     f"{p.layout} and dtype {p.dtype}"
                 )
-        group["step"] = step  # one counter shared by all groups, see step_count
+        # One counter shared by all groups (the same object), see step_count.
+        group["step"] = self._clock_value(0 if step is None else step)
+        for other in self.param_groups:
+            other["step"] = group["step"]
+
+    def _checked_lr(self, group: dict[str, Any]) -> LR:
+        """The group's ``lr``: a float > 0, or a 0-d floating-point tensor holding one (read
+        once, here). With ``capturable`` a float becomes a tensor on the parameters' device."""
+        lr = group["lr"]
+        if not isinstance(lr, Tensor):
+            check_positive("lr", lr)
+            if not self.capturable:
+                return lr
+            dtype = accumulation_dtype([local_tensor(p) for p in group["params"]])
+            device = _device_of(group["params"])
+            return _static(torch.tensor(float(lr), dtype=dtype, device=device))
+        if lr.ndim != 0 or not lr.is_floating_point() or lr.requires_grad:
+            raise ValueError(
+                f"lr={lr!r} is invalid: expected a float > 0 or a 0-d floating-point tensor "
+                "without grad"
+            )
+        check_positive("lr", float(lr))
+        device = _device_of(group["params"])
+        if self.capturable and lr.device != device:
+            raise ValueError(
+                f"lr on {lr.device} is invalid with capturable=True: expected a tensor on the "
+                f"parameters' device {device} (a CUDA graph reads it there), or a float"
+            )
+        return _static(lr) if self.capturable else lr
+
+    def _clock_value(self, step: int | Tensor) -> int | Tensor:
+        """t as this optimizer keeps it: an int, or with ``capturable`` an int64 0-d tensor on
+        the first parameter's device (read on the host once here when it comes as a tensor
+        from a state dict, never in ``step()``)."""
+        if not self.capturable:
+            return int(step)
+        device = _device_of([p for group in self.param_groups for p in group["params"]])
+        if isinstance(step, Tensor) and step.dtype == torch.int64 and step.device == device:
+            return _static(step)
+        return _static(torch.as_tensor(step).to(device, torch.int64))
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Validate the subclass's options of a new group (raise naming the option)."""
@@ -130,22 +178,26 @@ class LayerwiseOptimizer(Optimizer):
         # torch keeps defaults, state and param_groups; the phase is needed to step too.
         # Workspaces, reduction plans and FSDP1 process groups are not copied: a copy builds
         # its own (and an FSDP1 copy must be attached to its model again).
-        return {**super().__getstate__(), "phase": self.phase}
+        return {**super().__getstate__(), "phase": self.phase, "capturable": self.capturable}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Unpickling and copying build a new object; load_state_dict calls this on the live
         # one, whose FSDP1 registration stays (its model is the same).
         super().__setstate__(state)
         self.__dict__.setdefault("phase", None)
+        self.__dict__.setdefault("capturable", False)
         self.__dict__.setdefault("_fsdp1_groups", {})
         self._layouts = LayoutCache()
-        self._last = {}
+        self._last = {"step": None}
         self._plans = {}
         for group in self.param_groups:
-            group.setdefault("step", 0)
             group.setdefault("foreach", None)
             for key in self.OPTIONS:  # checkpoints written before an option existed
                 group.setdefault(key, self.defaults[key])
+        if self.param_groups:  # one shared counter, kept as this optimizer keeps it
+            step = self._clock_value(self.param_groups[0].get("step", 0))
+            for group in self.param_groups:
+                group["step"] = step
 
     @property
     def _step_supports_amp_scaling(self) -> bool:  # read by torch.amp.GradScaler
@@ -176,6 +228,10 @@ class LayerwiseOptimizer(Optimizer):
     def reduce_norms(self, params: Sequence[Tensor], local: Tensor) -> Tensor:
         """Full-tensor norms from the local ones of ``params`` (``local`` may stack several
         lists of ``len(params)`` norms): at most one collective per process group."""
+        if torch.compiler.is_compiling():
+            # Traced once per compilation: a cache filled while tracing would fail the guards
+            # of the next call (one recompilation).
+            return ReductionPlan.build(params, self._fsdp1_groups).reduce(local)
         key = tuple(map(id, params))
         if key not in self._plans:
             self._plans.clear()  # one parameter set at a time: no growth
@@ -196,7 +252,11 @@ class LayerwiseOptimizer(Optimizer):
 
     @property
     def step_count(self) -> int:
-        """t: the number of optimizer steps taken so far (0 before the first step)."""
+        """t: the number of optimizer steps taken so far (0 before the first step).
+
+        With ``capturable=True`` t lives on the device and reading it here is a device-to-host
+        copy (a sync on CUDA); the step itself never reads it.
+        """
         return int(self.param_groups[0]["step"])
 
     @property
@@ -205,18 +265,37 @@ class LayerwiseOptimizer(Optimizer):
 
         Built on access (one ``cat`` for the trust ratios), so steps nobody logs pay nothing.
         """
-        last = self._last.get("step")
+        last = self._last["step"]
         if last is None:
             return None
-        step, phase, names, result = last
+        t, phase, names, result = last
+        clock = self.param_groups[0]["step"]
+        # capturable: t stays on the device (where it has advanced by one since)
+        step: int | Tensor = clock - 1 if isinstance(clock, Tensor) else t
         return result.stats(step, phase, names)
 
     # ------------------------------------------------------------------ a step's bookkeeping
 
-    def _gather(self, state: Callable[[Tensor, dict[str, Any]], None]) -> list[GroupTensors]:
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> None:
+        """Create ``p``'s state if it has none (the subclass's state)."""
+        raise NotImplementedError
+
+    def _init_group(self) -> None:
+        """Create the missing state of every parameter that steps. torch's name for it:
+        ``torch.compile`` runs it eagerly before it traces a step (one call for all groups, so
+        that the traced step sees all the state), and a compiled step finds its state from the
+        first call on (it does not compile again once the state exists)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if (grad is not None and not grad.is_sparse) or id(p) in self._fsdp1_groups:
+                    self._init_state(p, group)
+
+    def _gather(self) -> list[GroupTensors]:
         """Every group's parameters with a gradient, their local weights and gradients (brought
-        to the parameters' layout, unscaled under GradScaler); ``state(p, group)`` creates
-        missing state. One entry per group, empty groups included."""
+        to the parameters' layout, unscaled under GradScaler), with their state created. One
+        entry per group, empty groups included."""
+        self._init_group()
         gathered = []
         for group in self.param_groups:
             tensors = GroupTensors([], [], [])
@@ -230,7 +309,6 @@ class LayerwiseOptimizer(Optimizer):
                     grad = torch.zeros_like(local_tensor(p))
                 if grad.is_sparse:
                     raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-                state(p, group)
                 tensors.params.append(p)
                 tensors.weights.append(local_tensor(p))
                 tensors.grads.append(grad)
@@ -240,6 +318,13 @@ class LayerwiseOptimizer(Optimizer):
         for tensors in gathered:
             tensors.grads[:] = [next(local) for _ in tensors.grads]
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)  # set by GradScaler
+        if (grad_scale is not None or self._found_inf() is not None) and capturing():
+            raise ValueError(
+                "a GradScaler step is invalid inside a CUDA graph capture: the scaler checks "
+                "the gradients and updates its scale outside the optimizer, on tensors it "
+                "creates anew every step, which a replayed graph would not read. Capture the "
+                "step without GradScaler (bfloat16 autocast needs none), or do not capture it"
+            )
         if grad_scale is not None:
             _unscale_([g for t in gathered for g in t.grads], grad_scale)
         return gathered
@@ -249,22 +334,37 @@ class LayerwiseOptimizer(Optimizer):
         return getattr(self, "found_inf", None)
 
     def _phase_value(self, device: torch.device) -> float | Tensor:
-        """phi(t): a host float in eager mode; a tensor op while ``torch.compile`` traces."""
+        """phi(t): a host float in eager mode; a tensor op on the device with ``capturable``
+        (from the device's t) and while ``torch.compile`` traces."""
         if self.phase is None:
             return 1.0
-        t = self.step_count
-        if torch.compiler.is_compiling() and hasattr(self.phase, "tensor"):
-            return self.phase.tensor(torch.scalar_tensor(t, device=device))
+        t = self.param_groups[0]["step"]
+        evaluate = getattr(self.phase, "tensor", None)
+        if isinstance(t, Tensor):
+            if evaluate is None:
+                raise TypeError(
+                    f"phase={self.phase!r} is invalid with capturable=True: expected a phase "
+                    "evaluated on the device (SigmoidPhase, or an object with a "
+                    "tensor(step) -> Tensor method); a callable step -> float needs t on the host"
+                )
+            return evaluate(t)
+        if evaluate is not None and torch.compiler.is_compiling():
+            return evaluate(torch.scalar_tensor(t, device=device))
         return float(self.phase(t))
 
     def _finish(self, phase: float | Tensor, result: StepResult) -> None:
-        """Keep the step's results for :attr:`last_step_stats` and advance t."""
+        """Keep the step's results for :attr:`last_step_stats` and advance t (on the device
+        with ``capturable``: the one counter all groups hold)."""
         names = {
             id(p): name
             for group in self.param_groups
             for p, name in zip(group["params"], group.get("param_names") or (), strict=False)
         }
-        t = self.step_count
+        t = self.param_groups[0]["step"]
+        if isinstance(t, Tensor):
+            self._last["step"] = (-1, phase, names, result)
+            t.add_(1)
+            return
         self._last["step"] = (t, phase, names, result)
         for group in self.param_groups:
             group["step"] = t + 1
@@ -276,6 +376,19 @@ class LayerwiseOptimizer(Optimizer):
             return None
         with torch.enable_grad():
             return closure()
+
+
+def _static(t: Tensor) -> Tensor:
+    """Mark a tensor the step reads (and t, which it advances) as staying where it is, so that
+    ``torch.compile(mode="reduce-overhead")`` reads it in place instead of copying it into its
+    CUDA graph every step (and does not refuse to graph a step that advances t)."""
+    torch._dynamo.mark_static_address(t)
+    return t
+
+
+def _device_of(params: Sequence[Tensor]) -> torch.device:
+    """Where a group's step tensors live: its first parameter's (local) device; CPU if none."""
+    return local_tensor(params[0]).device if params else torch.device("cpu")
 
 
 def _unscale_(grads: list[Tensor], grad_scale: Tensor) -> None:

@@ -48,6 +48,7 @@ from lightning_tvlars.optim.trust import (
     accumulation_dtype,
     compute_dtype,
     empty_result,
+    kernel_lr,
     layerwise_step,
     no_reduction,
     tensor_norms,
@@ -70,7 +71,7 @@ class LambGroup(NamedTuple):
     exp_avgs: list[Tensor]
     exp_avg_sqs: list[Tensor]
     steps: list[Tensor]  # float32 0-d tensors on the device: updates taken by each tensor
-    lr: float
+    lr: float | Tensor  # a tensor: read by the kernels on the device
     beta1: float
     beta2: float
     eps: float
@@ -94,7 +95,7 @@ class LAMB(LayerwiseOptimizer):
             ``weight_decay != 0`` or ``always_adapt``. :func:`~lightning_tvlars.param_groups`
             sets it (biases and normalization parameters neither adapted nor decayed). Any
             other key is carried along.
-        lr: learning rate > 0.
+        lr: learning rate > 0: a float or a 0-d tensor (see :class:`~lightning_tvlars.TVLARS`).
         bias_correction: divide the moments by ``1 - beta^k``.
         betas: ``(beta1, beta2)``, each in [0, 1).
         eps: > 0, added to the root of the second moment.
@@ -110,6 +111,8 @@ class LAMB(LayerwiseOptimizer):
         maximize: ascend the objective instead of descending it.
         foreach: as :class:`~lightning_tvlars.TVLARS`'s; ``grad_averaging=False`` and
             ``bias_correction=False`` take the elementwise path.
+        capturable: t, the learning rates and phi(t) on the device, as
+            :class:`~lightning_tvlars.TVLARS`'s (the tensors' update counts are there anyway).
 
     Skipped steps, the step clock, mixed precision and sharding behave as in
     :class:`~lightning_tvlars.TVLARS`; a skipped step leaves the moments and the tensors'
@@ -151,7 +154,7 @@ class LAMB(LayerwiseOptimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
+        lr: float | Tensor = 1e-3,
         bias_correction: bool = True,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
@@ -165,6 +168,7 @@ class LAMB(LayerwiseOptimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        capturable: bool = False,
     ) -> None:
         if max_grad_norm is not None:
             check_positive("max_grad_norm", max_grad_norm)
@@ -183,7 +187,7 @@ class LAMB(LayerwiseOptimizer):
             "maximize": maximize,
             "foreach": foreach,
         }
-        super().__init__(params, defaults, phase)
+        super().__init__(params, defaults, phase, capturable)
 
     def _check_group(self, group: dict[str, Any]) -> None:
         betas = group["betas"]
@@ -224,7 +228,7 @@ class LAMB(LayerwiseOptimizer):
         """Take one LAMB step; ``closure`` (re-evaluating the loss) runs with grad enabled."""
         loss = self._evaluate(closure)
         groups = []
-        for group, tensors in zip(self.param_groups, self._gather(self._init_state), strict=True):
+        for group, tensors in zip(self.param_groups, self._gather(), strict=True):
             if not tensors.params:
                 continue
             state = [self.state[p] for p in tensors.params]
@@ -523,7 +527,7 @@ def _multi_tensor_apply(
     keep = skipped.logical_not().to(device, dtype)
     decay = None
     if group.decoupled_decay and group.weight_decay != 0:
-        decay = 1.0 - keep * (group.lr * group.weight_decay)
+        decay = (1.0 - keep * (group.lr * group.weight_decay)).to(dtype)
     rates: Sequence[Tensor | float] = [group.lr] * len(layout.members)
     if scale is not None:
         scale = scale.to(device, dtype)
@@ -546,7 +550,7 @@ def _multi_tensor_apply(
             [],
             weight_decay=0.0,
             momentum=0.0,
-            lr=group.lr,
+            lr=kernel_lr(group.lr, device),
             dampening=0.0,
             nesterov=False,
             maximize=False,

@@ -94,14 +94,16 @@ class StepStats:
     log interval (:func:`~lightning_tvlars.tvlars_metrics`).
 
     Attributes:
-        step: t of that step (0 for the first).
+        step: t of that step (0 for the first); a 0-d tensor on the device with
+            ``capturable=True``.
         phase: phi(t) as applied to adapted tensors (1.0 without a phase); a 0-d tensor when
-            the step ran under ``torch.compile``.
+            the step ran under ``torch.compile`` or with ``capturable=True``.
         params: the updated parameters, in the order of the other entries (empty for a step
             without gradients).
         names: their names where the group has ``param_names``, else ``None``.
         adapted: whether each tensor got the trust ratio and phase.
-        lr: the learning rate of each tensor's group.
+        lr: the learning rate of each tensor's group (a 0-d tensor, copied at the step, where
+            the group's rate is a tensor).
         weight_norm: ``||w||`` before the update (float32; float64 for float64 tensors).
         update_norm: ``||u||`` of the update direction the trust ratio divides by (TVLARS:
             ``g + weight_decay * w``; LAMB: the Adam direction with weight decay).
@@ -110,19 +112,19 @@ class StepStats:
             ``GradScaler`` that found ``inf``/``nan``, or no gradient at all.
     """
 
-    step: int
+    step: int | Tensor
     phase: float | Tensor
     params: tuple[Tensor, ...]
     names: tuple[str | None, ...]
     adapted: tuple[bool, ...]
-    lr: tuple[float, ...]
+    lr: tuple[float | Tensor, ...]
     weight_norm: Tensor
     update_norm: Tensor
     trust_ratio: Tensor
     skipped: Tensor
 
     @classmethod
-    def empty(cls, step: int, phase: float | Tensor) -> StepStats:
+    def empty(cls, step: int | Tensor, phase: float | Tensor) -> StepStats:
         """A step in which no parameter had a gradient: nothing changed."""
         nothing = torch.zeros(0)
         return cls(step, phase, (), (), (), (), nothing, nothing, nothing, torch.tensor(True))
@@ -134,7 +136,7 @@ class Options(Protocol):
     @property
     def params(self) -> list[Tensor]: ...
     @property
-    def lr(self) -> float: ...
+    def lr(self) -> float | Tensor: ...
     @property
     def adapt(self) -> bool: ...
 
@@ -156,13 +158,13 @@ class StepResult(NamedTuple):
 
     params: tuple[Tensor, ...]
     adapted: tuple[bool, ...]
-    lr: tuple[float, ...]
+    lr: tuple[float | Tensor, ...]
     weight_norm: Tensor
     update_norm: Tensor
     ratios: tuple[tuple[int, Tensor | None], ...]  # per bucket: its size and trust ratios
     skipped: Tensor
 
-    def stats(self, step: int, phase: float | Tensor, names: dict[int, str]) -> StepStats:
+    def stats(self, step: int | Tensor, phase: float | Tensor, names: dict[int, str]) -> StepStats:
         if not self.params:
             return StepStats.empty(step, phase)
         ratios = [r if r is not None else self.weight_norm.new_ones(n) for n, r in self.ratios]
@@ -207,6 +209,7 @@ def layerwise_step(
     weight_norm, update_norm = reduce(params, local).split(len(params))
     skipped = skip_decision(update_norm, found_inf)
     sizes = [len(bucket.members) for _, bucket in work]
+    rates = [snapshot(group.lr) for group, _ in work]  # per bucket: a copy per tensor rate
     ratios = []
     for (group, bucket), f, w, u in zip(
         work, formed, weight_norm.split(sizes), update_norm.split(sizes), strict=True
@@ -218,12 +221,26 @@ def layerwise_step(
     return StepResult(
         params=params,
         adapted=tuple(group.adapt for group, bucket in work for _ in bucket.members),
-        lr=tuple(float(group.lr) for group, bucket in work for _ in bucket.members),
+        lr=tuple(lr for (_, bucket), lr in zip(work, rates, strict=True) for _ in bucket.members),
         weight_norm=weight_norm,
         update_norm=update_norm,
         ratios=tuple(ratios),
         skipped=skipped,
     )
+
+
+def snapshot(lr: float | Tensor) -> float | Tensor:
+    """A learning rate as a step applied it: a tensor rate is copied on its device (a scheduler
+    writes the next one in place before anybody reads the statistics)."""
+    return lr.detach().clone() if isinstance(lr, Tensor) else lr
+
+
+def kernel_lr(lr: float | Tensor, device: torch.device) -> float | Tensor:
+    """A learning rate as torch's fused kernels take it: a float, or a float32 tensor on their
+    device (their CPU versions read any 0-d tensor; a no-op when it is already there)."""
+    if isinstance(lr, Tensor) and device.type != "cpu":
+        return lr.to(device, torch.float32)
+    return lr
 
 
 def empty_result() -> StepResult:

@@ -75,6 +75,11 @@ def flat(t: Tensor) -> Tensor:
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (never on CPU-only builds)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def to_device(values: list[int], device: torch.device) -> Tensor:
     """An int64 tensor of ``values`` on ``device``, copied without a host sync on CUDA
     (from pinned memory, asynchronously)."""
@@ -306,6 +311,13 @@ class LayoutCache:
         key = (*structure(weights, grads, state), foreach, workspaces, accelerator_batch)
         entry = self._entries.get(ids)
         if entry is None or not entry.fits(key):
+            if capturing():
+                raise ValueError(
+                    "a step that lays its tensors out is invalid inside a CUDA graph capture "
+                    "(it copies index tensors from the host): take a few eager steps first, as "
+                    "torch asks before a capture, and capture with the parameters, gradients "
+                    "and state stored where they were in those steps"
+                )
             buckets = split(
                 weights,
                 grads,

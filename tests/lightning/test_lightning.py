@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning_helpers import TinyRegressor
+from lightning_helpers import EQUIVALENCE_TOLERANCE, Record, TinyRegressor
 
 from lightning_tvlars import (
     TVLARS,
@@ -137,6 +137,60 @@ def test_the_family_with_a_warmup_and_cosine_through_a_trainer(
     assert applied[0] == pytest.approx(0.2 / (warmup + 1))
     assert max(applied) == pytest.approx(0.2, rel=1e-6) and applied.index(max(applied)) == warmup
     assert applied[-1] < 0.05
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "lamb"])
+def test_capturable_applies_the_scheduled_rate_and_phase_as_the_float_path(
+    tmp_path: Path, optimizer: str
+) -> None:
+    """``TVLARSConfig(capturable=True)`` through a real Trainer (float64, a warm-up, cosine and
+    a phase fitted to the run): t, the rate and phi on the device, the rate tensors filled in
+    place by the scheduler Lightning steps; every step applies exactly the scheduled rate and
+    phi, the weights and the monitor's metrics are those of the float path."""
+    config = {
+        "optimizer": optimizer,
+        "lr": 0.2,
+        "base_batch_size": 32,
+        "warmup_fraction": 0.25,
+        "lr_schedule": "cosine",
+    }
+    runs = {}
+    for capturable in (False, True):
+        torch.manual_seed(0)
+        tvlars = TVLARSConfig(**config, capturable=capturable)  # type: ignore[arg-type]
+        model = TinyRegressor(tvlars, batch_size=32, deterministic_sampler=True, double=True)
+        record, logger = Record(), CSVLogger(tmp_path, name=str(capturable))
+        monitor = TVLARSMonitor(per_layer=False)
+        trainer = _trainer(
+            tmp_path, max_epochs=2, callbacks=[record, monitor], logger=logger, log_every_n_steps=2
+        )
+        trainer.fit(model)
+        rows = [r for r in _metrics(logger.log_dir) if r.get("tvlars/phase")]
+        runs[capturable] = (model, record, trainer.optimizers[0], rows)
+    plain, plain_record, plain_opt, plain_logged = runs[False]
+    held, record, opt, logged = runs[True]
+    assert opt.capturable and not plain_opt.capturable
+    rates = [g["lr"] for g in opt.param_groups]
+    assert all(isinstance(r, torch.Tensor) and r.dtype == torch.float64 for r in rates)
+    assert isinstance(opt.param_groups[0]["step"], torch.Tensor) and opt.step_count == 16
+    scheduler = held.tvlars_schedulers[0]
+    phase = held.tvlars_plan.phase
+    steps = [int(t) for t, _, _ in record.steps[0]]
+    assert steps == list(range(16))
+    assert [float(lr) for lr in record.lrs()] == plain_record.lrs()
+    assert [float(lr) for lr in record.lrs()] == [scheduler.applied_lr(t) for t in steps]
+    assert record.phases() == pytest.approx([phase(t) for t in steps], rel=1e-14)
+    assert record.phases() == pytest.approx(plain_record.phases(), rel=1e-14)
+    for a, b in zip(plain.parameters(), held.parameters(), strict=True):
+        torch.testing.assert_close(a, b, **EQUIVALENCE_TOLERANCE)
+    assert (
+        [r["step"] for r in logged]
+        == [r["step"] for r in plain_logged]
+        == [str(t) for t in range(1, 16, 2)]
+    )
+    for row, plain_row in zip(logged, plain_logged, strict=True):
+        for key in ("tvlars/lr", "tvlars/phase", "tvlars/trust_ratio_max"):
+            assert float(row[key]) == pytest.approx(float(plain_row[key]), rel=1e-9), key
 
 
 def test_resume_restores_step_count_and_phase(tmp_path: Path) -> None:

@@ -297,34 +297,50 @@ def assert_state_equal(opt_a: torch.optim.Optimizer, opt_b: torch.optim.Optimize
         assert_same(opt_a.state.get(p, {}), opt_b.state.get(q, {}), f"state[{i}]")
 
 
+class HostReadSpy:
+    """Makes every host read of a tensor raise while armed; ``reads`` names those attempted
+    (also caught if the code swallowed the error)."""
+
+    def __init__(self) -> None:
+        self.originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+        self.reads: list[str] = []
+
+    def _forbidden(self, name: str) -> Callable[..., Any]:
+        def read(*args: Any, **kwargs: Any) -> Any:
+            self.reads.append(name)
+            raise AssertionError(f"Tensor.{name} inside the optimizer step: a host read")
+
+        return read
+
+    def arm(self, *_: Any) -> None:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, self._forbidden(name))
+
+    def disarm(self, *_: Any) -> None:
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, original)
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[list[str]]:
+        """Armed for a block (a whole ``step()`` call with every hook, a scheduler's step)."""
+        self.arm()
+        try:
+            yield self.reads
+        finally:
+            self.disarm()
+
+
 @contextlib.contextmanager
 def no_host_reads_inside_step(opt: torch.optim.Optimizer) -> Iterator[list[str]]:
     """Make every host read of a tensor raise while ``opt.step`` runs (hooks arm and disarm).
 
     Yields the names of the reads attempted (also caught if the step swallowed the error).
     """
-    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
-    reads: list[str] = []
-
-    def forbidden(name: str) -> Callable[..., Any]:
-        def read(*args: Any, **kwargs: Any) -> Any:
-            reads.append(name)
-            raise AssertionError(f"Tensor.{name} inside the optimizer step: a host read")
-
-        return read
-
-    def arm(*_: Any) -> None:
-        for name in HOST_READS:
-            setattr(torch.Tensor, name, forbidden(name))
-
-    def disarm(*_: Any) -> None:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
-
-    handles = [opt.register_step_pre_hook(arm), opt.register_step_post_hook(disarm)]
+    spy = HostReadSpy()
+    handles = [opt.register_step_pre_hook(spy.arm), opt.register_step_post_hook(spy.disarm)]
     try:
-        yield reads
+        yield spy.reads
     finally:
-        disarm()
+        spy.disarm()
         for handle in handles:
             handle.remove()

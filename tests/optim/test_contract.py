@@ -722,7 +722,6 @@ def test_unknown_group_keys_are_accepted_and_round_trip(info: Info) -> None:
     [
         ("dampening", 0.1),
         ("differentiable", True),
-        ("capturable", True),
         ("fused", True),
         ("amsgrad", True),
     ],
@@ -736,14 +735,22 @@ def test_torch_options_it_does_not_implement_are_refused_by_name(
     w = nn.Parameter(torch.randn(3, 2))
     with pytest.raises(ValueError, match=rf"{key}={value!r} is not supported by {info.name}"):
         info.build([{"params": [w], key: value}])
-    neutral = {
-        "dampening": 0,
-        "differentiable": False,
-        "capturable": False,
-        "fused": None,
-        "amsgrad": False,
-    }
+    neutral = {"dampening": 0, "differentiable": False, "fused": None, "amsgrad": False}
     assert info.build([{"params": [w], key: neutral[key]}]).param_groups[0][key] == neutral[key]
+
+
+@EACH
+def test_capturable_is_one_choice_for_the_whole_optimizer(info: Info) -> None:
+    """``capturable`` (implemented: see test_capture.py) is optimizer-wide, as t is: a group that
+    asks otherwise is refused by name; the same value (copied from torch's groups) is carried."""
+    w = nn.Parameter(torch.randn(3, 2))
+    for mine, theirs in ((False, True), (True, False)):
+        with pytest.raises(ValueError, match=rf"capturable={theirs!r} in a group is invalid"):
+            info.build([{"params": [w], "capturable": theirs}], capturable=mine)
+        opt = info.build([{"params": [w], "capturable": mine}], capturable=mine)
+        assert opt.param_groups[0]["capturable"] is mine and opt.capturable is mine
+    with pytest.raises(TypeError, match="capturable='yes' is invalid"):
+        info.build([w], capturable="yes")
 
 
 @EACH
@@ -759,8 +766,12 @@ def test_bad_arguments_raise_errors_naming_them(info: Info) -> None:
         info.build([p], lr=True)
     with pytest.raises(TypeError, match="phase=3"):
         info.cls([p], lr=0.1, phase=3)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"(?i)a Tensor lr is not supported"):
-        info.build([p], lr=torch.tensor(0.1))
+    for lr in (torch.tensor([0.1]), torch.tensor(1), torch.tensor(0.1, requires_grad=True)):
+        with pytest.raises(ValueError, match=r"0-d floating-point tensor without grad"):
+            info.build([p], lr=lr)
+    for lr in (torch.tensor(0.0), torch.tensor(-1.0), torch.tensor(float("nan"))):
+        with pytest.raises(ValueError, match=r"lr=(0\.0|-1\.0|nan) is invalid"):
+            info.build([p], lr=lr)
     with pytest.raises(TypeError, match="dense real tensors"):
         info.build([torch.zeros(2, dtype=torch.complex64, requires_grad=True)])
 

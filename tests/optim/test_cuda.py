@@ -14,7 +14,8 @@ import torch
 from reference_impl import PlainTVLARS
 from torch import nn
 
-from lightning_tvlars import TVLARS, SigmoidPhase, param_groups
+from lightning_tvlars import LAMB, TVLARS, SigmoidPhase, TVLARSScheduler, param_groups
+from lightning_tvlars.schedule import FittedPhase
 
 DEVICE = os.environ.get("LIGHTNING_TVLARS_TEST_DEVICE", "cuda")
 CUDA = DEVICE == "cuda"
@@ -166,3 +167,114 @@ def test_compiled_step_matches_eager() -> None:
         compiled()
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- capturable (#27)
+
+GRAPHED = {
+    "TVLARS": lambda groups, cap: TVLARS(groups, lr=1.0, nesterov=True, capturable=cap),
+    "LAMB": lambda groups, cap: LAMB(groups, lr=1e-2, max_grad_norm=1.0, capturable=cap),
+}
+SCHEDULE = {"total_steps": 12, "warmup_fraction": 0.25, "lr_schedule": "cosine"}
+
+
+class _Twins:
+    """The same model and schedule twice: the eager float path, and a capturable copy whose
+    gradients stay where they are (a CUDA graph reads them there)."""
+
+    def __init__(self, name: str) -> None:
+        self.models = [_stack(2), _stack(2)]
+        self.opts = [
+            GRAPHED[name](param_groups(m, weight_decay=5e-4), cap)
+            for m, cap in zip(self.models, (False, True), strict=True)
+        ]
+        self.scheds = [TVLARSScheduler(o, phase=FittedPhase(), **SCHEDULE) for o in self.opts]
+        self.params = [list(m.parameters()) for m in self.models]
+        for ps in self.params:
+            for p in ps:
+                p.grad = torch.zeros_like(p)
+
+    def load(self, step: int) -> None:
+        gen = torch.Generator(device=DEVICE).manual_seed(step)
+        grads = [torch.randn(p.shape, generator=gen, device=DEVICE) * 1e-2 for p in self.params[0]]
+        for ps in self.params:
+            for p, g in zip(ps, grads, strict=True):
+                p.grad.copy_(g)
+
+    def eager_step(self, index: int) -> None:
+        self.opts[index].step()
+        self.scheds[index].step()
+
+    def check(self, steps: int, rtol: float = 1e-5) -> None:
+        """The same weights (float32 rounding: the fused kernels read a float32 rate tensor
+        where the float path passes a double), t, phi(t) and the scheduled rate."""
+        torch.cuda.synchronize()
+        for a, b in zip(*self.params, strict=True):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=1e-6)
+        held = self.opts[1]
+        assert held.step_count == steps == self.opts[0].step_count
+        stats = held.last_step_stats
+        phase = self.scheds[0].plan.phase
+        assert float(stats.phase) == pytest.approx(phase(steps - 1), rel=1e-12)
+        rate = self.scheds[0].applied_lr(steps - 1)
+        assert float(stats.lr[0]) == pytest.approx(rate, rel=1e-6)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs")
+@pytest.mark.parametrize("name", list(GRAPHED))
+def test_a_step_captured_in_a_cuda_graph_replays_as_the_eager_step(name: str) -> None:
+    """The whole capturable step in one ``torch.cuda.graph``, replayed while the scheduler
+    writes a new rate (warm-up, cosine) between replays and phi advances on the device: the
+    same weights, t, phi and rates as the eager float path."""
+    twins = _Twins(name)
+    side = torch.cuda.Stream()  # torch's rule: warm up on a side stream before capturing
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(3):
+            twins.load(step)
+            twins.eager_step(0)
+            twins.eager_step(1)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        twins.opts[1].step()  # recorded, not run: t, the weights and the state stay
+    for step in range(3, 12):
+        twins.load(step)
+        twins.eager_step(0)
+        graph.replay()
+        twins.scheds[1].step()  # the next rate, filled in place outside the graph
+    twins.check(12)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs through torch.compile")
+@pytest.mark.parametrize("name", list(GRAPHED))
+def test_a_step_compiled_with_reduce_overhead_matches_the_eager_step(name: str) -> None:
+    """``torch.compile(mode="reduce-overhead")`` (CUDA graphs of Inductor's kernels) of the
+    capturable step, with a changing rate: as the eager step (to Inductor's rounding: it fuses
+    the elementwise path), compiled once."""
+    twins = _Twins(name)
+    torch._dynamo.reset()
+    step = torch.compile(twins.opts[1].step, fullgraph=True, mode="reduce-overhead")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(8):
+            twins.load(i)
+            twins.eager_step(0)
+            step()
+            twins.scheds[1].step()
+            twins.check(i + 1, rtol=1e-4)  # each step's statistics, before the next replay
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA sync debug mode")
+@pytest.mark.parametrize("name", list(GRAPHED))
+def test_a_capturable_step_and_its_schedule_never_sync(name: str) -> None:
+    twins = _Twins(name)
+    for step in range(4):
+        twins.load(step)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            twins.eager_step(1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    twins.load(4)
+    assert twins.opts[1].step_count == 4

@@ -199,6 +199,23 @@ def test_bad_arguments_are_refused_naming_the_flag_and_what_is_allowed(
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
 
 
+def test_captured_steps_are_refused_off_cuda_and_labelled_with_their_capture_time(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        step.main(["--device=cpu", "--sets=tiny", "--optimizers", "TVLARS graph", "LAMB"])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith("error: TVLARS graph capture a CUDA graph: they need --device cuda")
+    )
+    row = step.Result("TVLARS graph", 0.5, 0, 0, 1.0, kernels=30, compile_s=0.25)
+    base = step.Result("SGD foreach", 1.0, 6, 0, 1.0, kernels=4)
+    text = step.markdown({"tiny": [base, row]}, "cuda", "env")
+    assert "| TVLARS graph (capture 0.25 s) | 0.500 |" in text
+
+
 def test_optimizers_whose_package_is_missing_are_refused_before_measuring(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
