@@ -115,7 +115,7 @@ def check(options: Options) -> Check:
     several optimizers (or with ``--sharpness``), no validation metric to select on (or not the
     one ``--monitor`` names, or one whose mode its name does not say), ``--sharpness`` on a
     strategy the probe cannot measure."""
-    from lightning_tvlars.cli.fit import _raising_section
+    from lightning_tvlars.cli.parser import raising_section
 
     target = options.target
     first = options.batch_sizes[0] if options.batch_sizes else None
@@ -126,7 +126,8 @@ def check(options: Options) -> Check:
         cause = err
         while isinstance(cause.__cause__, Exception):
             cause = cause.__cause__
-        section = _raising_section(cause) or "model"
+        sections: dict[str, type] = {"data": pl.LightningDataModule, "model": pl.LightningModule}
+        section = raising_section(cause, sections) or "model"
         raise _error(f"--{section} could not be built", cause) from None
     name = type(module).__name__
     if not module.automatic_optimization:

@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_tvlars.bench.protocol import ARMS, DEFAULT_CENTER, Mode, Study
-from lightning_tvlars.cli.fit import one_line_error
+from lightning_tvlars.cli.parser import one_line_error
 from lightning_tvlars.compare.target import (
     Budget,
     Target,
