@@ -244,6 +244,31 @@ def _init_args(section: object, name: str) -> dict[str, Any] | None:
     return dict(value) if isinstance(value, dict) else None
 
 
+def _class_path_error(flag: str, message: str) -> str | None:
+    """A class path (``--model``, ``--data``, ...) that does not import or is of the wrong class,
+    as one line naming it; ``None`` for any other report."""
+    if "is not accepted" in message:  # an unknown option of the class, not its path
+        return None
+    given = re.findall(r"Given value: (.*)", message)
+    value = given[-1].strip() if given else "?"
+    problem = re.search(
+        r"Problem with given class_path '([^']+)':\s*\n\s*(?!\s|Parser key)(.+)", message
+    )
+    if problem:
+        return f"{flag}={problem.group(1)} is invalid: cannot import it ({problem.group(2)})"
+    subclass = re.search(r"does not correspond to a subclass of (\w+)", message)
+    if subclass:
+        return (
+            f"{flag}={value} is invalid: expected the import path of a {subclass.group(1)} subclass"
+        )
+    if "Expected a dot import path string" in message:
+        return (
+            f"{flag}={value} is invalid: expected an import path (package.module.Class) of a class "
+            "that imports"
+        )
+    return None
+
+
 def raising_section(err: BaseException, sections: dict[str, type]) -> str | None:
     """The section (``data``, ``model``, ...) whose class raised ``err`` while being built: the
     innermost ``self`` of the traceback that is an instance of a section's class."""
@@ -329,6 +354,9 @@ def one_line_error(message: str) -> str:
     """jsonargparse's nested error report, as one line: the flag, the value, what is allowed."""
     keys = re.findall(r'Parser key "([^"]+)"', message)
     flag = "--" + ".".join(keys) if keys else ""
+    class_path = _class_path_error(flag, message)
+    if class_path is not None:
+        return class_path
     got = re.search(r"Expected (.+?)\. Got value: (.*)", message)
     if got and flag:
         return f"{flag}={got.group(2).strip()} is invalid: expected {_allowed(got.group(1))}"

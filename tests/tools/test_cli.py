@@ -103,6 +103,15 @@ def test_every_tvlars_option_is_a_flag_and_yaml_round_trips(
             "--model=Nope is invalid: expected one of MNIST1DClassifier, BarlowTwins1D, GAN1D or "
             "the import path of a LightningModule",
         ),
+        (
+            "--model=nope.Model",
+            "--model=nope.Model is invalid: cannot import it (No module named 'nope')",
+        ),
+        (
+            "--model=torch.nn.Linear",
+            "--model=torch.nn.Linear is invalid: expected the import path of a LightningModule "
+            "subclass",
+        ),
         # values that only the classes' own checks catch, while the run is being built
         ("--data.batch_size=0", "--data.batch_size=0 is invalid: expected an int > 0"),
         (
