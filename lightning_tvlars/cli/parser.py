@@ -17,7 +17,7 @@ That covers the values jsonargparse refuses (types, choices, unknown options); t
 every ``TVLARSConfig`` argument of the model (or data, ...), right after parsing; the
 ``ValueError`` or ``TypeError`` that a class of the command (model, data, ...) raises while it
 is built, named by its section; and the parameter patterns of a ``TVLARSMixin`` module
-(``select``, ``exclude``, ``include``, ``overrides``), once it is built. ``JSONARGPARSE_DEBUG=1``
+(``select``, ``exclude``, ``include``, ``overrides``), once it is built. ``JSONARGPARSE_DEBUG=true``
 keeps jsonargparse's own reports and the tracebacks. Nothing else of the CLI changes: no
 default, argument or callback is added.
 
