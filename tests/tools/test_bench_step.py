@@ -196,7 +196,7 @@ def test_bad_arguments_are_refused_naming_the_flag_and_what_is_allowed(
     with pytest.raises(SystemExit) as exit_info:
         step.main(["--sets=tiny", *argv])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
+    assert capsys.readouterr().err == f"lightning-tvlars bench-step: error: {message}\n"
 
 
 def test_optimizers_whose_package_is_missing_are_refused_before_measuring(
