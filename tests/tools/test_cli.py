@@ -252,6 +252,19 @@ def test_top_level_help_lists_every_command(
     assert set(EXTRA_COMMANDS) == {"bench", "compare", "bench-step", "bench-monitor", "plot"}
 
 
+def test_an_unknown_command_is_one_line_naming_every_command(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["comapre", "--help"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "lightning-tvlars: error: 'comapre' is not a command: expected one of fit, validate, "
+        "test, predict, bench, compare, bench-step, bench-monitor, plot (see lightning-tvlars "
+        "--help)\n"
+    )
+
+
 @pytest.mark.parametrize("flag", ["--version", "-V"])
 def test_version(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     from lightning_tvlars import __version__
