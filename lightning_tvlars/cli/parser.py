@@ -318,9 +318,14 @@ def check_config(values: dict[str, Any]) -> TVLARSConfig:
 _LEADING_NAME = re.compile(r"^([A-Za-z_][\w.\[\]]*)=")
 
 
+def names_its_argument(message: str) -> bool:
+    """Whether an error ``message`` starts with the argument it is about (``lr=-1.0 is ...``)."""
+    return _LEADING_NAME.match(message) is not None
+
+
 def flag_error(prefix: str, message: str) -> str:
     """``lr=-1.0 is invalid: ...`` of the config at ``prefix`` -> ``--prefix.lr=-1.0 is ...``."""
-    if _LEADING_NAME.match(message):
+    if names_its_argument(message):
         return f"--{prefix}.{message}"
     return f"--{prefix}: {message}"
 
