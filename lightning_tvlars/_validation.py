@@ -11,7 +11,7 @@ import argparse
 import importlib.util
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 
 def _fail(name: str, value: Any, allowed: str) -> ValueError:
@@ -85,6 +85,16 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 
 # ------------------------------------------------------------------ command-line arguments
 # argparse prints "argument --repeats: 0 is invalid: expected an integer >= 1".
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ``argparse.ArgumentParser`` whose errors are one line (``prog: error: argument
+    --repeats: 0 is invalid: ...``, exit code 2), without the usage lines above it, as the
+    LightningCLI commands' errors are; ``--help`` shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        """End the command with ``message`` in one line (exit code 2)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def int_argument(minimum: int) -> Callable[[str], int]:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_tvlars._validation import (
+    OneLineArgumentParser,
     device_argument,
     int_argument,
     non_negative_float_argument,
@@ -147,7 +148,7 @@ def prepare_data(preset: Preset) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="lightning-tvlars bench",
         description="Accuracy of TVLARS (no warm-up) vs LARS and LAMB with warm-up on MNIST-1D: "
         "equal tuning, fresh evaluation seeds, Welch tests with Holm's correction, sharpness.",

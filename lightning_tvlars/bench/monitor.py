@@ -7,7 +7,6 @@ and the overhead. The monitor logs at the trainer's ``log_every_n_steps``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import time
@@ -16,7 +15,7 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 import torch
 
-from lightning_tvlars._validation import int_argument
+from lightning_tvlars._validation import OneLineArgumentParser, int_argument
 from lightning_tvlars.examples.classifier import MNIST1DClassifier
 from lightning_tvlars.examples.mnist1d import MNIST1DDataModule
 from lightning_tvlars.lightning import TVLARSMonitor
@@ -80,7 +79,7 @@ def fit_seconds(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="lightning-tvlars bench-monitor", description=__doc__.split("\n")[0]
     )
     parser.add_argument(

@@ -530,6 +530,25 @@ class RunSpec:
         return (self.task, self.arm, self.batch_size, self.seed, self.role, self.lr, self.setting)
 
 
+def spec_columns(spec: RunSpec) -> dict[str, Any]:
+    """The columns of a run's CSV row that say what was trained: the spec and its arm's recipe
+    (``optimizer``, ``start``, ``annealing``); the benchmark and ``compare`` add what came out."""
+    arm = ARMS[spec.arm]
+    return {
+        "task": spec.task,
+        "arm": spec.arm,
+        "optimizer": arm.optimizer,
+        "start": arm.start,
+        "setting": spec.setting,
+        "annealing": arm.annealing,
+        "batch_size": spec.batch_size,
+        "seed": spec.seed,
+        "role": spec.role,
+        "stage": spec.stage,
+        "lr": f"{spec.lr:.4g}",
+    }
+
+
 def row_key(row: Mapping[str, Any]) -> tuple[str, str, int, int, str, float, str]:
     """The :attr:`RunSpec.key` of a CSV row (values may be strings)."""
     return (

@@ -578,6 +578,26 @@ def plot_sharpness(preset: Preset, rows: Sequence[Row], path: Path) -> None:
 # ------------------------------------------------------------------------------ the page
 
 
+def partial_results(failures: Sequence[str], eval_seeds: int, stopped: str = "") -> list[str]:
+    """The report's paragraph for a protocol that is not complete: why (runs that failed, or
+    the run was stopped; ``stopped`` adds what to do), and how its cells are shown."""
+    why = (
+        f"{len(failures)} run(s) failed, listed below"
+        if failures
+        else f"the run was stopped or its time budget was spent{stopped}"
+    )
+    return [
+        f"**Partial results**: the protocol is not complete ({why}); cells with fewer than "
+        f"{eval_seeds} evaluation seeds are shown with what they have.",
+        "",
+    ]
+
+
+def failed_runs(failures: Sequence[str]) -> list[str]:
+    """The report's list of the runs that failed (they have no row in the CSV)."""
+    return ["**Runs that failed** (not in the CSV):", "", *[f"- {f}" for f in failures], ""]
+
+
 def write_report(
     preset: Preset,
     rows: Sequence[Row],
@@ -630,18 +650,9 @@ def write_report(
         "",
     ]
     if not complete:
-        why = (
-            f"{len(failures)} run(s) failed, listed below"
-            if failures
-            else "the run was stopped or its time budget was spent"
-        )
-        text += [
-            f"**Partial results**: the protocol is not complete ({why}); cells with fewer than "
-            f"{preset.eval_seeds} evaluation seeds are shown with what they have.",
-            "",
-        ]
+        text += partial_results(failures, preset.eval_seeds)
     if failures:
-        text += ["**Runs that failed** (not in the CSV):", "", *[f"- {f}" for f in failures], ""]
+        text += failed_runs(failures)
     text += [
         "## Protocol",
         "",

@@ -30,7 +30,6 @@ written after each parameter set, so an interrupted run keeps what it measured.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import multiprocessing
@@ -50,7 +49,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_tvlars import LAMB, TVLARS, SigmoidPhase
-from lightning_tvlars._validation import device_argument, int_argument, missing_bench_modules
+from lightning_tvlars._validation import (
+    OneLineArgumentParser,
+    device_argument,
+    int_argument,
+    missing_bench_modules,
+)
 from lightning_tvlars.optim.groups import split_by_ndim
 
 WEIGHT_DECAY = 5e-4
@@ -528,7 +532,7 @@ def environment(device: str, repeats: int, processes: int = 1) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="lightning-tvlars bench-step", description=__doc__.split("\n")[0]
     )
     parser.add_argument(

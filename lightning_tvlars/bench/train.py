@@ -36,6 +36,7 @@ from lightning_tvlars.bench.protocol import (
     RunSpec,
     setting_part,
     setting_value,
+    spec_columns,
 )
 from lightning_tvlars.examples.classifier import encoder
 from lightning_tvlars.examples.mnist1d import NUM_CLASSES, generate
@@ -464,19 +465,8 @@ def run(
             (features(encode, data.x_val), data.y_val),
             (features(encode, data.x_test), data.y_test),
         )
-    arm = ARMS[spec.arm]
     return {
-        "task": spec.task,
-        "arm": spec.arm,
-        "optimizer": arm.optimizer,
-        "start": arm.start,
-        "setting": spec.setting,
-        "annealing": arm.annealing,
-        "batch_size": spec.batch_size,
-        "seed": spec.seed,
-        "role": spec.role,
-        "stage": spec.stage,
-        "lr": f"{spec.lr:.4g}",
+        **spec_columns(spec),
         "epochs": epochs,
         "steps": step,
         "train_loss": f"{float(epoch_loss) / max(1, steps_per_epoch):.6g}",

@@ -26,6 +26,9 @@ EXTRA_COMMANDS = {
     "plot": ("lightning_tvlars.cli.plot:main", "draw a run's TVLARS metrics to a PNG: plot LOGDIR"),
 }
 
+#: LightningCLI's subcommands (:mod:`lightning_tvlars.cli.fit`).
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
 #: Warnings of a first run that say nothing about the user's run (message regex).
 NOISE_WARNINGS = (
     r"Starting from v1\.9\.0, `tensorboardX` has been removed",  # fallback to CSVLogger
@@ -81,6 +84,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         module, function = EXTRA_COMMANDS[args[0]][0].split(":")
         getattr(importlib.import_module(module), function)(args[1:])
         return
+    if args and not args[0].startswith("-") and args[0] not in LIGHTNING_COMMANDS:
+        commands = ", ".join([*LIGHTNING_COMMANDS, *EXTRA_COMMANDS])
+        sys.stderr.write(
+            f"lightning-tvlars: error: {args[0]!r} is not a command: expected one of {commands} "
+            "(see lightning-tvlars --help)\n"
+        )
+        raise SystemExit(2)
     silence_known_noise()
     from lightning_tvlars.cli import fit
 

@@ -17,7 +17,7 @@ That covers the values jsonargparse refuses (types, choices, unknown options); t
 every ``TVLARSConfig`` argument of the model (or data, ...), right after parsing; the
 ``ValueError`` or ``TypeError`` that a class of the command (model, data, ...) raises while it
 is built, named by its section; and the parameter patterns of a ``TVLARSMixin`` module
-(``select``, ``exclude``, ``include``, ``overrides``), once it is built. ``JSONARGPARSE_DEBUG=1``
+(``select``, ``exclude``, ``include``, ``overrides``), once it is built. ``JSONARGPARSE_DEBUG=true``
 keeps jsonargparse's own reports and the tracebacks. Nothing else of the CLI changes: no
 default, argument or callback is added.
 
@@ -244,6 +244,31 @@ def _init_args(section: object, name: str) -> dict[str, Any] | None:
     return dict(value) if isinstance(value, dict) else None
 
 
+def _class_path_error(flag: str, message: str) -> str | None:
+    """A class path (``--model``, ``--data``, ...) that does not import or is of the wrong class,
+    as one line naming it; ``None`` for any other report."""
+    if "is not accepted" in message:  # an unknown option of the class, not its path
+        return None
+    given = re.findall(r"Given value: (.*)", message)
+    value = given[-1].strip() if given else "?"
+    problem = re.search(
+        r"Problem with given class_path '([^']+)':\s*\n\s*(?!\s|Parser key)(.+)", message
+    )
+    if problem:
+        return f"{flag}={problem.group(1)} is invalid: cannot import it ({problem.group(2)})"
+    subclass = re.search(r"does not correspond to a subclass of (\w+)", message)
+    if subclass:
+        return (
+            f"{flag}={value} is invalid: expected the import path of a {subclass.group(1)} subclass"
+        )
+    if "Expected a dot import path string" in message:
+        return (
+            f"{flag}={value} is invalid: expected an import path (package.module.Class) of a class "
+            "that imports"
+        )
+    return None
+
+
 def raising_section(err: BaseException, sections: dict[str, type]) -> str | None:
     """The section (``data``, ``model``, ...) whose class raised ``err`` while being built: the
     innermost ``self`` of the traceback that is an instance of a section's class."""
@@ -293,9 +318,14 @@ def check_config(values: dict[str, Any]) -> TVLARSConfig:
 _LEADING_NAME = re.compile(r"^([A-Za-z_][\w.\[\]]*)=")
 
 
+def names_its_argument(message: str) -> bool:
+    """Whether an error ``message`` starts with the argument it is about (``lr=-1.0 is ...``)."""
+    return _LEADING_NAME.match(message) is not None
+
+
 def flag_error(prefix: str, message: str) -> str:
     """``lr=-1.0 is invalid: ...`` of the config at ``prefix`` -> ``--prefix.lr=-1.0 is ...``."""
-    if _LEADING_NAME.match(message):
+    if names_its_argument(message):
         return f"--{prefix}.{message}"
     return f"--{prefix}: {message}"
 
@@ -329,6 +359,9 @@ def one_line_error(message: str) -> str:
     """jsonargparse's nested error report, as one line: the flag, the value, what is allowed."""
     keys = re.findall(r'Parser key "([^"]+)"', message)
     flag = "--" + ".".join(keys) if keys else ""
+    class_path = _class_path_error(flag, message)
+    if class_path is not None:
+        return class_path
     got = re.search(r"Expected (.+?)\. Got value: (.*)", message)
     if got and flag:
         return f"{flag}={got.group(2).strip()} is invalid: expected {_allowed(got.group(1))}"

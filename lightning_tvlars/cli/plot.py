@@ -32,6 +32,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning_tvlars._validation import OneLineArgumentParser, int_argument
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -583,13 +585,6 @@ def plot_run(
 # ---------------------------------------------------------------------------- command line
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: expected a positive integer")
-    return value
-
-
 def _regex(text: str) -> re.Pattern[str]:
     try:
         return re.compile(text)
@@ -599,7 +594,7 @@ def _regex(text: str) -> re.Pattern[str]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``lightning-tvlars plot``: prints the path of the PNG."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="lightning-tvlars plot",
         description="Draw phase, learning rate and per-layer trust ratios of a run logged by "
         "TVLARSMonitor (CSVLogger or TensorBoardLogger) to a PNG.",
@@ -629,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--max-layers",
-        type=_positive_int,
+        type=int_argument(1),
         default=DEFAULT_MAX_LAYERS,
         metavar="N",
         help="heatmap rows at most (evenly spread over the model; default %(default)s)",
@@ -643,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--dpi",
-        type=_positive_int,
+        type=int_argument(1),
         default=DEFAULT_DPI,
         metavar="N",
         help=f"resolution (default %(default)s; the figure is {FIGURE_WIDTH:g} inches wide)",

@@ -115,7 +115,7 @@ def check(options: Options) -> Check:
     several optimizers (or with ``--sharpness``), no validation metric to select on (or not the
     one ``--monitor`` names, or one whose mode its name does not say), ``--sharpness`` on a
     strategy the probe cannot measure."""
-    from lightning_tvlars.cli.parser import raising_section
+    from lightning_tvlars.cli.parser import flag_error, names_its_argument, raising_section
 
     target = options.target
     first = options.batch_sizes[0] if options.batch_sizes else None
@@ -128,6 +128,10 @@ def check(options: Options) -> Check:
             cause = cause.__cause__
         sections: dict[str, type] = {"data": pl.LightningDataModule, "model": pl.LightningModule}
         section = raising_section(cause, sections) or "model"
+        message = " ".join(str(cause).split())
+        if isinstance(cause, (ValueError, TypeError)) and names_its_argument(message):
+            # a check of the class's own (batch_size=0 is invalid: ...): name the flag, as fit does
+            raise CompareError(flag_error(section, message)) from None
         raise _error(f"--{section} could not be built", cause) from None
     name = type(module).__name__
     if not module.automatic_optimization:

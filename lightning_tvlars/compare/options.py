@@ -283,27 +283,6 @@ def _flag_names(message: str) -> str:
 
 def one_line(message: str) -> str:
     """jsonargparse's report of a bad command line, in one line naming the flag."""
-    keys = re.findall(r'Parser key "([^"]+)"', message)
-    flag = "--" + ".".join(keys) if keys else ""
-    given = re.findall(r"Given value: (.*)", message)
-    value = given[-1].strip() if given else "?"
-    if "is not accepted" not in message:
-        problem = re.search(
-            r"Problem with given class_path '([^']+)':\s*\n\s*(?!\s|Parser key)(.+)", message
-        )
-        if problem:
-            return f"{flag}={problem.group(1)} is invalid: cannot import it ({problem.group(2)})"
-        subclass = re.search(r"does not correspond to a subclass of (\w+)", message)
-        if subclass:
-            return (
-                f"{flag}={value} is invalid: expected the import path of a {subclass.group(1)} "
-                "subclass"
-            )
-        if "Expected a dot import path string" in message:
-            return (
-                f"{flag}={value} is invalid: expected an import path (package.module.Class) of "
-                "a class that imports"
-            )
     return _flag_names(one_line_error(message))
 
 

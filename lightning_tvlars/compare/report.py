@@ -251,19 +251,10 @@ def write_report(
         "",
     ]
     if len(complete) < len(cells):
-        why = (
-            f"{len(failures)} run(s) failed, listed below"
-            if failures
-            else "the run was stopped or its time budget was spent: run the same command again "
-            "to continue"
-        )
-        text += [
-            f"**Partial results**: the protocol is not complete ({why}); cells with fewer than "
-            f"{study.eval_seeds} evaluation seeds are shown with what they have.",
-            "",
-        ]
+        resume = ": run the same command again to continue"
+        text += bench.partial_results(failures, study.eval_seeds, stopped=resume)
     if failures:
-        text += ["**Runs that failed** (not in the CSV):", "", *[f"- {f}" for f in failures], ""]
+        text += bench.failed_runs(failures)
     text += [
         "## Results per cell (evaluation seeds)",
         "",

@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
-from lightning_tvlars.bench.protocol import ARMS, RunSpec
+from lightning_tvlars.bench.protocol import ARMS, RunSpec, spec_columns
 from lightning_tvlars.bench.train import arm_config, code_version, sharpness_columns
 from lightning_tvlars.compare.options import Monitor
 from lightning_tvlars.compare.target import Target
@@ -253,19 +253,8 @@ def train(spec: RunSpec, *, target: Target, monitor: Monitor, sharpness: bool) -
     history = probe.history if probe is not None else []
     early = next((r for r in history if r.step == plan.early_step), None)
     end = history[-1] if history and history[-1].step == trainer.global_step else None
-    arm = ARMS[spec.arm]
     row = {
-        "task": spec.task,
-        "arm": spec.arm,
-        "optimizer": arm.optimizer,
-        "start": arm.start,
-        "setting": spec.setting,
-        "annealing": arm.annealing,
-        "batch_size": spec.batch_size,
-        "seed": spec.seed,
-        "role": spec.role,
-        "stage": spec.stage,
-        "lr": f"{spec.lr:.4g}",
+        **spec_columns(spec),
         "monitor": str(monitor),
         "initial_value": f"{initial:.6g}",
         "value": f"{final:.6g}",

@@ -845,7 +845,9 @@ def test_the_command_refuses_bad_arguments_before_running_anything(
         with pytest.raises(SystemExit) as exit_info:
             accuracy.main(list(argv))
         assert exit_info.value.code == 2
-        return capsys.readouterr().err.splitlines()[-1].split("error: ", 1)[1]
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err  # one line, without the usage
+        return err.split("error: ", 1)[1].rstrip("\n")
 
     assert error("--quick", "--jobs=0") == "argument --jobs: 0 is invalid: expected an integer >= 1"
     assert error("--max-minutes=-1") == (

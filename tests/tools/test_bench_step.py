@@ -196,7 +196,7 @@ def test_bad_arguments_are_refused_naming_the_flag_and_what_is_allowed(
     with pytest.raises(SystemExit) as exit_info:
         step.main(["--sets=tiny", *argv])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: {message}")
+    assert capsys.readouterr().err == f"lightning-tvlars bench-step: error: {message}\n"
 
 
 def test_captured_steps_are_refused_off_cuda_and_labelled_with_their_capture_time(

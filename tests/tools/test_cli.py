@@ -103,6 +103,15 @@ def test_every_tvlars_option_is_a_flag_and_yaml_round_trips(
             "--model=Nope is invalid: expected one of MNIST1DClassifier, BarlowTwins1D, GAN1D or "
             "the import path of a LightningModule",
         ),
+        (
+            "--model=nope.Model",
+            "--model=nope.Model is invalid: cannot import it (No module named 'nope')",
+        ),
+        (
+            "--model=torch.nn.Linear",
+            "--model=torch.nn.Linear is invalid: expected the import path of a LightningModule "
+            "subclass",
+        ),
         # values that only the classes' own checks catch, while the run is being built
         ("--data.batch_size=0", "--data.batch_size=0 is invalid: expected an int > 0"),
         (
@@ -241,6 +250,19 @@ def test_top_level_help_lists_every_command(
     for command in ("bench", "compare", "bench-step", "bench-monitor", "plot"):
         assert f"\n  {command} " in out, command
     assert set(EXTRA_COMMANDS) == {"bench", "compare", "bench-step", "bench-monitor", "plot"}
+
+
+def test_an_unknown_command_is_one_line_naming_every_command(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["comapre", "--help"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "lightning-tvlars: error: 'comapre' is not a command: expected one of fit, validate, "
+        "test, predict, bench, compare, bench-step, bench-monitor, plot (see lightning-tvlars "
+        "--help)\n"
+    )
 
 
 @pytest.mark.parametrize("flag", ["--version", "-V"])

@@ -182,8 +182,12 @@ def test_modules_that_cannot_be_compared_are_refused_before_any_run(
         "--data",
         "lightning_tvlars.examples.mnist1d.MNIST1DDataModule",
     ]
+    # a check of the class's own names the flag, as fit's does
     assert _error(capsys, *mnist, "--data.val_size", "999999", *out).startswith(
-        "--data could not be built: ValueError: val_size=999999 is invalid"
+        "--data.val_size=999999 is invalid"
+    )
+    assert _error(capsys, *mnist, "--data.batch_size", "0", *out) == (
+        "--data.batch_size=0 is invalid: expected an int > 0"
     )
     assert not (tmp_path / "out").exists()
 

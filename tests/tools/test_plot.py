@@ -250,3 +250,12 @@ def test_cli_errors_exit_with_a_message(tmp_path: Path, capsys: pytest.CaptureFi
     with pytest.raises(SystemExit):
         cli.main(["plot", str(tmp_path), "--layers", "("])
     assert "is not a regular expression" in capsys.readouterr().err
+    # a bad value is one line naming the flag, the value and what is allowed (no usage lines)
+    for flag, value in (("--max-layers", "0"), ("--dpi", "x")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["plot", str(tmp_path), flag, value])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == (
+            f"lightning-tvlars plot: error: argument {flag}: {value} is invalid: "
+            "expected an integer >= 1\n"
+        )
