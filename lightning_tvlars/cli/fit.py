@@ -155,12 +155,22 @@ class TVLARSCLI(LightningCLI):
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, TVLARSMonitor)]  # type: ignore[attr-defined]
             rank_zero_info("TVLARSMonitor is off: the trainer has no logger (--trainer.logger).")
         EndProcessGroupAtExit.register(trainer)  # any --model: ddp/ddp_spawn processes exit cleanly
+        trainer.callbacks.append(RunSummary())  # type: ignore[attr-defined]
         return trainer
 
-    def after_fit(self) -> None:
-        """Say where the run's logs and checkpoints are and how to look at them."""
-        if self.trainer.is_global_zero:
-            print(run_summary(self.trainer), flush=True)
+
+class RunSummary(pl.Callback):
+    """At the end of a fit, rank zero prints where the run's logs and checkpoints are and how
+    to look at them (:func:`run_summary`).
+
+    A callback rather than :meth:`LightningCLI.after_fit`: under ``ddp_spawn`` the launching
+    process gets back neither the logger version the workers wrote to (its own logger picks
+    the next free one) nor what the monitor logged; the process that trained knows both.
+    """
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            print(run_summary(trainer), flush=True)
 
 
 def _short(path: str | os.PathLike[str]) -> str:

@@ -404,6 +404,7 @@ def test_fit_under_ddp_spawn_on_two_cpu_processes_exits_cleanly(tmp_path: Path) 
             "--model.width=8",
             "--model.blocks=1",
             "--trainer.enable_progress_bar=false",
+            "--trainer.log_every_n_steps=1",
         ],
         cwd=tmp_path,
         env=env,
@@ -415,6 +416,14 @@ def test_fit_under_ddp_spawn_on_two_cpu_processes_exits_cleanly(tmp_path: Path) 
     assert run.returncode == 0, run.stderr[-3000:]
     assert "64 per device x 2 data-parallel replica(s)" in run.stderr  # really 2 processes
     assert "`Trainer.fit` stopped: `max_epochs=1` reached." in run.stderr
+    # The closing summary comes from the process that trained (rank 0), not from the launching
+    # one, whose logger would pick the next free version and whose monitor saw no step.
+    written = sorted(p.name for p in (tmp_path / "lightning_logs").iterdir())
+    assert written == ["version_0"]
+    assert "Logs (TensorBoard): lightning_logs/version_0" in run.stdout, run.stdout
+    assert "lightning-tvlars plot lightning_logs/version_0" in run.stdout
+    assert "No TVLARS metrics" not in run.stdout
+    assert run.stdout.count("Logs (TensorBoard)") == 1  # one summary, from rank 0 only
 
 
 def test_a_fast_dev_run_names_no_checkpoint_folder(
