@@ -523,7 +523,8 @@ def _multi_tensor_apply(
     device, dtype = first.owner.device, first.weights[0].dtype
     found_inf = skipped.to(device, torch.float32)
     steps = [group.steps[i] for i in layout.members]
-    torch._foreach_add_(steps, skipped.logical_not().to(device, steps[0].dtype))
+    # a list operand: with one 0-d tensor torch's CPU kernel reads it on the host (.item())
+    torch._foreach_add_(steps, [skipped.logical_not().to(device, steps[0].dtype)] * len(steps))
     keep = skipped.logical_not().to(device, dtype)
     decay = None
     if group.decoupled_decay and group.weight_decay != 0:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from reference_impl import PlainLAMB, PlainTVLARS
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_tvlars import LAMB, TVLARS, SigmoidPhase
 from lightning_tvlars.optim.base import LayerwiseOptimizer
@@ -330,17 +331,47 @@ class HostReadSpy:
             self.disarm()
 
 
+class ScalarReadCounter(TorchDispatchMode):
+    """Names every ``aten._local_scalar_dense`` dispatched while :attr:`armed`: the host reads
+    that torch's own kernels make (a foreach operator given a 0-d tensor operand on CPU calls
+    ``.item()`` in C++), which no Python method of ``Tensor`` sees."""
+
+    def __init__(self, reads: list[str]) -> None:
+        super().__init__()
+        self.reads = reads
+        self.armed = False
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if self.armed and func is torch.ops.aten._local_scalar_dense.default:
+            self.reads.append("aten._local_scalar_dense")
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def no_host_reads_inside_step(opt: torch.optim.Optimizer) -> Iterator[list[str]]:
-    """Make every host read of a tensor raise while ``opt.step`` runs (hooks arm and disarm).
+    """Make every host read of a tensor raise while ``opt.step`` runs (hooks arm and disarm),
+    and record those that torch's kernels make inside it (:class:`ScalarReadCounter`).
 
     Yields the names of the reads attempted (also caught if the step swallowed the error).
     """
     spy = HostReadSpy()
-    handles = [opt.register_step_pre_hook(spy.arm), opt.register_step_post_hook(spy.disarm)]
-    try:
-        yield spy.reads
-    finally:
+    counter = ScalarReadCounter(spy.reads)
+
+    def arm(*_: Any) -> None:
+        counter.armed = True
+        spy.arm()
+
+    def disarm(*_: Any) -> None:
         spy.disarm()
+        counter.armed = False
+
+    handles = [opt.register_step_pre_hook(arm), opt.register_step_post_hook(disarm)]
+    try:
+        with counter:
+            yield spy.reads
+    finally:
+        disarm()
         for handle in handles:
             handle.remove()

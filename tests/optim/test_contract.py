@@ -79,6 +79,25 @@ def test_the_host_read_spy_catches_a_read() -> None:
     assert bool(torch.ones(())) is True  # disarmed again
 
 
+def test_the_host_read_spy_catches_a_read_inside_a_kernel() -> None:
+    """Negative control: a host read that torch makes in C++ (a foreach operator with a 0-d
+    tensor operand on CPU) is caught too, and only inside the step."""
+
+    class Counting(torch.optim.SGD):
+        def step(self, closure: Any = None) -> Any:
+            counts = [torch.zeros(()) for _ in range(3)]
+            torch._foreach_add_(counts, torch.ones(()))
+            return super().step(closure)
+
+    w = nn.Parameter(torch.randn(3))
+    opt = Counting([w], lr=0.1)
+    w.grad = torch.ones(3)
+    with no_host_reads_inside_step(opt) as reads:
+        torch._foreach_add_([torch.zeros(())], torch.ones(()))  # outside the step: not counted
+        opt.step()
+    assert reads and set(reads) == {"aten._local_scalar_dense"}
+
+
 # ----------------------------------------------------------------------------- 1. layouts
 
 
