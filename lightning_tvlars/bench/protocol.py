@@ -530,6 +530,31 @@ class RunSpec:
         return (self.task, self.arm, self.batch_size, self.seed, self.role, self.lr, self.setting)
 
 
+#: The columns :func:`spec_columns` fills: what a run trained (the benchmark's and compare's CSVs).
+SPEC_FIELDS = (
+    "task",
+    "arm",
+    "optimizer",
+    "start",
+    "setting",
+    "annealing",
+    "batch_size",
+    "seed",
+    "role",
+    "stage",
+    "lr",
+)
+#: What the sharpness probe measures, each a column at the end of the warm-up and of training.
+SHARPNESS_FIELDS = ("loss", "top_eigenvalue", "trace", "filter_normalized")
+#: The probe's columns in both CSVs: ``early_*`` (its step first), ``end_*``, its time.
+PROBE_FIELDS = (
+    "early_step",
+    *(f"early_{name}" for name in SHARPNESS_FIELDS),
+    *(f"end_{name}" for name in SHARPNESS_FIELDS),
+    "probe_seconds",
+)
+
+
 def spec_columns(spec: RunSpec) -> dict[str, Any]:
     """The columns of a run's CSV row that say what was trained: the spec and its arm's recipe
     (``optimizer``, ``start``, ``annealing``); the benchmark and ``compare`` add what came out."""

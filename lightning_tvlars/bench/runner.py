@@ -22,20 +22,17 @@ from concurrent.futures import FIRST_COMPLETED, BrokenExecutor, Future, ProcessP
 from pathlib import Path
 from typing import Any
 
-from lightning_tvlars.bench.protocol import Preset, RunSpec, Study, plan
+from lightning_tvlars.bench.protocol import (
+    PROBE_FIELDS,
+    SPEC_FIELDS,
+    Preset,
+    RunSpec,
+    Study,
+    plan,
+)
 
 FIELDS = (
-    "task",
-    "arm",
-    "optimizer",
-    "start",
-    "setting",
-    "annealing",
-    "batch_size",
-    "seed",
-    "role",
-    "stage",
-    "lr",
+    *SPEC_FIELDS,
     "epochs",
     "steps",
     "train_loss",
@@ -44,16 +41,7 @@ FIELDS = (
     "test_accuracy",
     "converged",
     "diverged",
-    "early_step",
-    "early_loss",
-    "early_top_eigenvalue",
-    "early_trace",
-    "early_filter_normalized",
-    "end_loss",
-    "end_top_eigenvalue",
-    "end_trace",
-    "end_filter_normalized",
-    "probe_seconds",
+    *PROBE_FIELDS,
     "wall_seconds",
     "device",
     "model_params",

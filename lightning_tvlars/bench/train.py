@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from lightning_tvlars.bench.protocol import (
     ARMS,
+    SHARPNESS_FIELDS,
     Arm,
     Preset,
     RunSpec,
@@ -48,7 +49,6 @@ from lightning_tvlars.sharpness import SharpnessReport, measure_sharpness
 AUTHORS_FINAL_PHASE = 0.01
 #: The authors' clamp of both norms of the trust ratio.
 AUTHORS_NORM_CLIP = 10.0
-SHARPNESS_FIELDS = ("loss", "top_eigenvalue", "trace", "filter_normalized")
 
 
 # ------------------------------------------------------------------------------ data

@@ -27,7 +27,13 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 
-from lightning_tvlars.bench.protocol import ARMS, RunSpec, spec_columns
+from lightning_tvlars.bench.protocol import (
+    ARMS,
+    PROBE_FIELDS,
+    SPEC_FIELDS,
+    RunSpec,
+    spec_columns,
+)
 from lightning_tvlars.bench.train import arm_config, code_version, sharpness_columns
 from lightning_tvlars.compare.options import Monitor
 from lightning_tvlars.compare.target import Target
@@ -37,17 +43,7 @@ from lightning_tvlars.lightning.run import run_facts
 from lightning_tvlars.lightning.sharpness import SharpnessProbe
 
 FIELDS = (
-    "task",
-    "arm",
-    "optimizer",
-    "start",
-    "setting",
-    "annealing",
-    "batch_size",
-    "seed",
-    "role",
-    "stage",
-    "lr",
+    *SPEC_FIELDS,
     "monitor",
     "initial_value",
     "value",
@@ -56,16 +52,7 @@ FIELDS = (
     "steps",
     "converged",
     "diverged",
-    "early_step",
-    "early_loss",
-    "early_top_eigenvalue",
-    "early_trace",
-    "early_filter_normalized",
-    "end_loss",
-    "end_top_eigenvalue",
-    "end_trace",
-    "end_filter_normalized",
-    "probe_seconds",
+    *PROBE_FIELDS,
     "wall_seconds",
     "device",
     "devices",
