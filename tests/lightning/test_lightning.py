@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning_helpers import EQUIVALENCE_TOLERANCE, Record, TinyRegressor
+from lightning_helpers import EQUIVALENCE_TOLERANCE, Record, TinyRegressor, cpu_trainer
 
 from lightning_tvlars import (
     TVLARS,
@@ -24,17 +24,8 @@ from lightning_tvlars.recipe import check_strategy
 
 
 def _trainer(tmp_path: Path, **kwargs: object) -> pl.Trainer:
-    defaults: dict[str, object] = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_epochs": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": tmp_path,
-    }
-    return pl.Trainer(**{**defaults, **kwargs})
+    """:func:`cpu_trainer` for one epoch unless told otherwise."""
+    return cpu_trainer(tmp_path, **{"max_epochs": 1, **kwargs})
 
 
 def _metrics(log_dir: str) -> list[dict[str, str]]:
