@@ -51,6 +51,7 @@ from lightning_tvlars.optim.trust import (
     kernel_lr,
     layerwise_step,
     no_reduction,
+    pair_norms,
     tensor_norms,
     trust_ratio,
 )
@@ -399,11 +400,7 @@ def _single_tensor_directions(group: LambGroup, index: list[int], clip: Tensor |
             u = u + w.to(dtype) * group.weight_decay
         carry.append((m, v, u))
     dtype, device = accumulation_dtype(weights), weights[0].device
-    return Formed(
-        tensor_norms(weights, dtype, device),
-        tensor_norms([u for _, _, u in carry], dtype, device),
-        carry,
-    )
+    return Formed(*pair_norms(weights, [u for _, _, u in carry], dtype, device), carry)
 
 
 def _single_tensor_apply(

@@ -46,7 +46,7 @@ from lightning_tvlars.optim.trust import (
     kernel_lr,
     layerwise_step,
     no_reduction,
-    tensor_norms,
+    pair_norms,
     trust_ratio,
 )
 from lightning_tvlars.optim.workspace import Batch, Bucket, Layout, LayoutCache
@@ -341,9 +341,7 @@ def _single_tensor_directions(group: LarsGroup, index: list[int]) -> Formed:
             u = u + w.to(dtype) * group.weight_decay
         updates.append(u)
     dtype, device = accumulation_dtype(weights), weights[0].device
-    return Formed(
-        tensor_norms(weights, dtype, device), tensor_norms(updates, dtype, device), updates
-    )
+    return Formed(*pair_norms(weights, updates, dtype, device), updates)
 
 
 def _single_tensor_apply(
