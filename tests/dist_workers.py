@@ -46,6 +46,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def launcher_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process that starts its own process group: this one's, less
+    ``MASTER_PORT``/``MASTER_ADDR`` (so that it picks a free port), one OpenMP thread, ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
 def init(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(

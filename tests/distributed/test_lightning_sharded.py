@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_workers import launcher_env
 from lightning_helpers import EQUIVALENCE_TOLERANCE
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
@@ -18,11 +18,9 @@ SCRIPT = Path(__file__).parent.parent / "scripts" / "lightning_sharded.py"
 
 def _run(kind: str, tmp_path: Path, optimizer: str = "lars") -> dict:
     out = tmp_path / f"{kind}-{optimizer}.pt"
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
-    env["OMP_NUM_THREADS"] = "1"
     run = subprocess.run(
         [sys.executable, str(SCRIPT), kind, str(out), optimizer],
-        env=env,
+        env=launcher_env(),
         capture_output=True,
         text=True,
         timeout=200,

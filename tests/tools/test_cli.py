@@ -384,8 +384,8 @@ def test_first_run_is_quiet_and_ends_with_where_the_results_are(tmp_path: Path) 
 def test_fit_under_ddp_spawn_on_two_cpu_processes_exits_cleanly(tmp_path: Path) -> None:
     """ddp_spawn pickles the CLI (its parser's formatter class included) into each process, and
     each process must leave its gloo process group before it exits (see docs/faq.md)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    from dist_workers import launcher_env
+
     run = subprocess.run(
         [
             sys.executable,
@@ -407,7 +407,7 @@ def test_fit_under_ddp_spawn_on_two_cpu_processes_exits_cleanly(tmp_path: Path) 
             "--trainer.log_every_n_steps=1",
         ],
         cwd=tmp_path,
-        env=env,
+        env=launcher_env(PYTHONUNBUFFERED="1"),
         capture_output=True,
         text=True,
         timeout=150,
