@@ -70,17 +70,22 @@ class LayerwiseOptimizer(Optimizer):
         defaults: dict[str, Any],
         phase: Phase,
         capturable: bool = False,
+        compiled: bool = False,
     ) -> None:
         if phase is not None and not callable(phase):
             raise TypeError(
                 f"phase={phase!r} is invalid: expected a SigmoidPhase, a callable "
                 "step -> float, or None"
             )
-        if not isinstance(capturable, bool):
-            raise TypeError(f"capturable={capturable!r} is invalid: expected True or False")
+        for name, value in (("capturable", capturable), ("compiled", compiled)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}={value!r} is invalid: expected True or False")
         self.phase = phase
         #: t, the learning rates and phi(t) live on the device (see the subclasses' docstrings).
-        self.capturable = capturable
+        self.capturable = capturable or compiled
+        #: the update runs compiled by ``torch.compile(fullgraph=True)``, the closure eagerly.
+        self.compiled = compiled
+        self._compiled_update: Callable[[], None] | None = None
         self._layouts = LayoutCache()
         # Dict slots, not attributes: torch.compile replays dict mutations of the optimizer
         # but drops attribute stores on it. The slot exists from the start: a compiled step
@@ -178,7 +183,12 @@ class LayerwiseOptimizer(Optimizer):
         # torch keeps defaults, state and param_groups; the phase is needed to step too.
         # Workspaces, reduction plans and FSDP1 process groups are not copied: a copy builds
         # its own (and an FSDP1 copy must be attached to its model again).
-        return {**super().__getstate__(), "phase": self.phase, "capturable": self.capturable}
+        return {
+            **super().__getstate__(),
+            "phase": self.phase,
+            "capturable": self.capturable,
+            "compiled": self.compiled,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Unpickling and copying build a new object; load_state_dict calls this on the live
@@ -186,6 +196,8 @@ class LayerwiseOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("phase", None)
         self.__dict__.setdefault("capturable", False)
+        self.__dict__.setdefault("compiled", False)
+        self._compiled_update = None  # a copy compiles its own update
         self.__dict__.setdefault("_fsdp1_groups", {})
         self._layouts = LayoutCache()
         self._last = {"step": None}
@@ -273,6 +285,28 @@ class LayerwiseOptimizer(Optimizer):
         # capturable: t stays on the device (where it has advanced by one since)
         step: int | Tensor = clock - 1 if isinstance(clock, Tensor) else t
         return result.stats(step, phase, names)
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one step; ``closure`` (re-evaluating the loss) runs eagerly with grad enabled.
+
+        With ``compiled=True`` the update (everything after the closure) runs as compiled by
+        ``torch.compile(fullgraph=True)`` on the first call: once for the whole run, since t,
+        the rates and phi(t) are device tensors."""
+        loss = self._evaluate(closure)
+        if not self.compiled or torch.compiler.is_compiling():
+            self._update()
+            return loss
+        if self._compiled_update is None:
+            self._compiled_update = torch.compile(self._update, fullgraph=True)
+        self._compiled_update()
+        return loss
+
+    def _update(self) -> None:
+        """Update every parameter with a gradient (the subclass's functional update)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ a step's bookkeeping
 

@@ -131,6 +131,42 @@ def test_the_family_with_a_warmup_and_cosine_through_a_trainer(
 
 
 @pytest.mark.parametrize("optimizer", ["lars", "lamb"])
+def test_compiled_compiles_the_update_once_under_a_trainer(tmp_path: Path, optimizer: str) -> None:
+    """``TVLARSConfig(compiled=True)`` through a real Trainer (warm-up, cosine, a fitted phase):
+    Lightning's closure (forward and backward) runs eagerly inside ``step``, the update is
+    compiled once for the whole fit (an error on any recompilation), and the weights and the
+    applied rates are those of the eager capturable step."""
+    config = {
+        "optimizer": optimizer,
+        "lr": 0.2,
+        "base_batch_size": 32,
+        "warmup_fraction": 0.25,
+        "lr_schedule": "cosine",
+    }
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        tvlars = TVLARSConfig(**config, capturable=True, compiled=compiled)  # type: ignore[arg-type]
+        model = TinyRegressor(tvlars, batch_size=32, deterministic_sampler=True)
+        record = Record()
+        trainer = _trainer(tmp_path, max_epochs=2, callbacks=[record])
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            trainer.fit(model)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        runs[compiled] = (model, record, trainer.optimizers[0], graphs)
+    eager, eager_record, eager_opt, eager_graphs = runs[False]
+    held, record, opt, graphs = runs[True]
+    assert opt.compiled and not eager_opt.compiled
+    assert (eager_graphs, graphs) == (0, 1)
+    assert opt.step_count == 16
+    assert [float(lr) for lr in record.lrs()] == [float(lr) for lr in eager_record.lrs()]
+    for a, b in zip(eager.parameters(), held.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["lars", "lamb"])
 def test_capturable_applies_the_scheduled_rate_and_phase_as_the_float_path(
     tmp_path: Path, optimizer: str
 ) -> None:

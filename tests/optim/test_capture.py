@@ -288,3 +288,61 @@ def test_a_compiled_capturable_step_compiles_once_for_a_whole_schedule(name: str
     assert held.step_count == 7
     for a, b in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_compiled_true_compiles_the_update_once_and_runs_the_closure_eagerly(name: str) -> None:
+    """``compiled=True``: ``step(closure)`` (Lightning's call) runs the closure's forward and
+    backward eagerly and the update compiled once for a whole schedule (no recompilation while
+    the rate and phi change); the weights equal the eager float path's; a deep copy steps on
+    as a compiled optimizer of its own."""
+    torch.manual_seed(0)
+    eager_model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
+    compiled_model = copy.deepcopy(eager_model)
+    eager = COMPILED[name](param_groups(eager_model, weight_decay=1e-3), 0.05, False)
+    held = type(eager)(param_groups(compiled_model, weight_decay=1e-3), **_options(eager))
+    assert held.compiled and held.capturable
+    assert isinstance(held.param_groups[0]["lr"], torch.Tensor)
+    schedule = {"total_steps": 7, "warmup_fraction": 0.3, "lr_schedule": "cosine"}
+    eager_sched = TVLARSScheduler(eager, phase=FittedPhase(), **schedule)
+    sched = TVLARSScheduler(held, phase=FittedPhase(), **schedule)
+    x = torch.randn(16, 8)
+
+    def closure(model: nn.Module, opt: torch.optim.Optimizer) -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    losses = []
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(7):
+            expected = eager.step(lambda: closure(eager_model, eager))
+            eager_sched.step()
+            losses.append(held.step(lambda: closure(compiled_model, held)))
+            sched.step()
+            torch.testing.assert_close(losses[-1], expected, rtol=1e-5, atol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert all(loss.requires_grad for loss in losses)  # the closure ran with grad enabled
+    assert held.step_count == 7
+    for a, b in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    twin = copy.deepcopy(held)
+    assert twin.compiled and twin._compiled_update is None  # compiles its own on first use
+    twin.step()  # no gradients changed: one more step on its own copies
+    assert twin.step_count == 8 and held.step_count == 7
+
+
+def _options(opt: torch.optim.Optimizer) -> dict:
+    """The constructor options of ``COMPILED``'s optimizers, with ``compiled=True``."""
+    if isinstance(opt, TVLARS):
+        return {"lr": 0.05, "norm_clip": 10.0, "compiled": True}
+    return {"lr": 0.05, "max_grad_norm": 1.0, "compiled": True}
+
+
+def test_compiled_is_validated() -> None:
+    with pytest.raises(TypeError, match=r"compiled='yes' is invalid: expected True or False"):
+        TVLARS([nn.Parameter(torch.ones(2))], lr=1.0, compiled="yes")  # type: ignore[arg-type]
