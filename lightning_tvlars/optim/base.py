@@ -428,6 +428,7 @@ def _device_of(params: Sequence[Tensor]) -> torch.device:
 def _unscale_(grads: list[Tensor], grad_scale: Tensor) -> None:
     """Divide gradients in place by GradScaler's scale, one multi-tensor call per device/dtype."""
     inverse = grad_scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
-    grouped = Optimizer._group_tensors_by_device_and_dtype([list[Tensor | None](grads)])
+    tensors: list[Tensor | None] = list(grads)
+    grouped = Optimizer._group_tensors_by_device_and_dtype([tensors])
     for (device, _), ((tensors,), _) in grouped.items():
         torch._foreach_mul_([t for t in tensors if t is not None], inverse.to(device))

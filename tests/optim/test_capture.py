@@ -346,3 +346,34 @@ def _options(opt: torch.optim.Optimizer) -> dict:
 def test_compiled_is_validated() -> None:
     with pytest.raises(TypeError, match=r"compiled='yes' is invalid: expected True or False"):
         TVLARS([nn.Parameter(torch.ones(2))], lr=1.0, compiled="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(600)
+def test_compiled_true_under_a_grad_scaler_skips_on_the_device_as_eager() -> None:
+    """``scaler.step(optimizer)`` with ``compiled=True``: the scaler's scale and verdict reach
+    the compiled update (one graph for clean and overflowing steps alike), which unscales,
+    skips the overflowing step and leaves the weights and the scale of the eager step."""
+    torch.manual_seed(0)
+    eager_model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
+    compiled_model = copy.deepcopy(eager_model)
+    eager = TVLARS(param_groups(eager_model, weight_decay=1e-3), lr=0.1, capturable=True)
+    held = TVLARS(param_groups(compiled_model, weight_decay=1e-3), lr=0.1, compiled=True)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in range(2)]
+    x = torch.randn(16, 8)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    skipped = []
+    for step in range(5):
+        blow_up = float("inf") if step == 2 else 1.0
+        pairs = zip((eager_model, compiled_model), (eager, held), scalers, strict=True)
+        for model, opt, scaler in pairs:
+            opt.zero_grad()
+            scaler.scale(model(x).square().mean() * blow_up).backward()
+            scaler.step(opt)
+            scaler.update()
+        skipped.append(bool(held.last_step_stats.skipped))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert skipped == [False, False, True, False, False]
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 512.0
+    for a, b in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
