@@ -251,6 +251,11 @@ def _fsdp2(rank: int, world: int, mesh_shape: tuple[int, ...], out: str) -> None
         pass
     else:
         raise AssertionError("norms of local shards passed the comparison: it cannot fail")
+    try:  # the compiled update is refused: its collectives would not be compiled
+        TVLARS(model.parameters(), lr=1.0, compiled=True).step()
+        compiled_refused = False
+    except ValueError as err:
+        compiled_refused = "compiled=True is not supported with sharded parameters" in str(err)
     local_sizes = [p.to_local().numel() for p in model.parameters()]
     if rank == 0:
         Path(out).write_text(
@@ -258,6 +263,7 @@ def _fsdp2(rank: int, world: int, mesh_shape: tuple[int, ...], out: str) -> None
                 {
                     "collectives": counts,
                     "placements": [str(p.placements) for p in model.parameters()],
+                    "compiled_refused": compiled_refused,
                 }
             )
         )

@@ -220,7 +220,11 @@ class LayerwiseOptimizer(Optimizer):
         scales. For sharded parameters the scaler unscales (one host sync per step, where it
         checks ``found_inf``).
         """
-        return not any(
+        return not self._sharded()
+
+    def _sharded(self) -> bool:
+        """Whether any parameter is a shard (DTensor, an FSDP1 view)."""
+        return any(
             is_dtensor(p) or getattr(p, "_fsdp_flattened", False)
             for group in self.param_groups
             for p in group["params"]
@@ -300,6 +304,13 @@ class LayerwiseOptimizer(Optimizer):
             self._update()
             return loss
         if self._compiled_update is None:
+            if self._sharded():
+                raise ValueError(
+                    f"compiled=True is not supported with sharded parameters (DTensor, FSDP): "
+                    f"the norms' collectives are not compiled; use "
+                    f"{type(self).__name__}(..., compiled=False), the eager step, which is exact "
+                    "under sharding"
+                )
             self._compiled_update = torch.compile(self._update, fullgraph=True)
         self._compiled_update()
         return loss

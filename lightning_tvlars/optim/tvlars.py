@@ -112,7 +112,8 @@ class TVLARS(LayerwiseOptimizer):
             once, on the first step (seconds to minutes, see "Compiled step" in the docs), and
             never again while the rate and phi change. Where Lightning passes a closure to
             ``step`` (forward and backward), only the update is compiled. On one CPU thread
-            the compiled step takes 0.6x the eager one's time.
+            the compiled step takes 0.6x the eager one's time. Refused with sharded parameters
+            (FSDP, DTensor), whose norms need collectives: DDP is fine.
 
     The step count t is stored in every parameter group (``group["step"]``), so it travels with
     ``state_dict()`` under every checkpointing scheme and loads with

@@ -30,6 +30,7 @@ def test_fsdp2_matches_unsharded_training_with_one_collective_per_step(
     result = json.loads(Path(out).read_text())
     assert result["collectives"] == [1 + FAMILY[optimizer]] * 4
     assert all(p == "(Shard(dim=0),)" for p in result["placements"])
+    assert result["compiled_refused"]  # compiled=True names the eager step instead
     sizes = json.loads(Path(out + ".sizes1").read_text())
     assert 0 in sizes  # rank 1 holds empty shards (Linear(3, 1)): handled exactly
 
