@@ -335,8 +335,7 @@ def _kernel_grads(
     if clip is None:
         return grads
     if form:
-        _copy(layout, batch.views[3], grads)
-        batch.matrices[3].div_(clip.to(batch.owner.device, batch.matrices[3].dtype))
+        _fill(layout, batch, 3, grads, divisor=clip.to(batch.owner.device, batch.matrices[3].dtype))
     return batch.views[3]
 
 
@@ -438,16 +437,14 @@ def _form(
     """``u`` in the batch's first workspace, from copies of the moments in the next two (the
     moments themselves are not touched) by torch's fused Adam kernel run with ``lr=-1`` on
     ``weight_decay * w`` (or zeros)."""
-    updates, exp_avgs, exp_avg_sqs = batch.views[:3]
-    weight_matrix = batch.matrices[0]
     grads = _kernel_grads(layout, batch, grads, clip, form=True)
-    _copy(layout, exp_avgs, batch.state[0])
-    _copy(layout, exp_avg_sqs, batch.state[1])
+    exp_avgs = _fill(layout, batch, 1, batch.state[0])
+    exp_avg_sqs = _fill(layout, batch, 2, batch.state[1])
     if _decays_update(group):
-        _copy(layout, updates, batch.weights)
-        weight_matrix.mul_(group.weight_decay)
+        updates = _fill(layout, batch, 0, batch.weights, factor=group.weight_decay)
     else:
-        weight_matrix.zero_()
+        updates = batch.views[0]
+        batch.matrices[0].zero_()
     torch._fused_adam_(
         updates,
         grads,
@@ -465,13 +462,34 @@ def _form(
     )
 
 
-def _copy(layout: Layout, out: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
-    """Copy ``tensors`` into ``out`` (tensor by tensor where the layout is handled so)."""
+def _fill(
+    layout: Layout,
+    batch: Batch,
+    workspace: int,
+    tensors: list[Tensor],
+    *,
+    factor: float | None = None,
+    divisor: Tensor | None = None,
+) -> list[Tensor]:
+    """Workspace ``workspace`` of the batch ``= tensors`` (times ``factor``, divided by
+    ``divisor``): tensor by tensor, one pass each, where the layout is handled so; else one
+    multi-tensor copy, then one pass over the workspace's block matrix (the same arithmetic,
+    element by element)."""
+    out = batch.views[workspace]
     if layout.per_tensor:
         for o, t in zip(out, tensors, strict=True):
-            o.copy_(t)
-    else:
-        torch._foreach_copy_(out, tensors)
+            if factor is not None:
+                torch.mul(t, factor, out=o)
+            elif divisor is not None:
+                torch.div(t, divisor, out=o)
+            else:
+                o.copy_(t)
+        return out
+    torch._foreach_copy_(out, tensors)
+    if factor is not None:
+        batch.matrices[workspace].mul_(factor)
+    elif divisor is not None:
+        batch.matrices[workspace].div_(divisor)
     return out
 
 
