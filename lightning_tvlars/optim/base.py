@@ -306,8 +306,8 @@ class LayerwiseOptimizer(Optimizer):
         if self._compiled_update is None:
             if self._sharded():
                 raise ValueError(
-                    f"compiled=True is not supported with sharded parameters (DTensor, FSDP): "
-                    f"the norms' collectives are not compiled; use "
+                    "compiled=True is not supported with sharded parameters (DTensor, FSDP): "
+                    "the norms' collectives are not compiled; use "
                     f"{type(self).__name__}(..., compiled=False), the eager step, which is exact "
                     "under sharding"
                 )
@@ -439,7 +439,7 @@ def _device_of(params: Sequence[Tensor]) -> torch.device:
 def _unscale_(grads: list[Tensor], grad_scale: Tensor) -> None:
     """Divide gradients in place by GradScaler's scale, one multi-tensor call per device/dtype."""
     inverse = grad_scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
-    tensors: list[Tensor | None] = list(grads)
-    grouped = Optimizer._group_tensors_by_device_and_dtype([tensors])
+    optional: list[Tensor | None] = list(grads)  # the type torch's grouping takes
+    grouped = Optimizer._group_tensors_by_device_and_dtype([optional])
     for (device, _), ((tensors,), _) in grouped.items():
         torch._foreach_mul_([t for t in tensors if t is not None], inverse.to(device))
