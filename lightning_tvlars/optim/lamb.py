@@ -390,8 +390,8 @@ def _single_tensor_directions(group: LambGroup, index: list[int], clip: Tensor |
         m = m.lerp(g, 1.0 - group.beta1) if group.grad_averaging else m * group.beta1 + g
         v = (group.exp_avg_sqs[i].to(dtype) * group.beta2).addcmul(g, g, value=1.0 - group.beta2)
         if group.bias_correction:
-            bias1, bias2_sqrt = (c.to(dtype) for c in corrections[j])
-            u = (m / bias1) / (v.sqrt() / bias2_sqrt + group.eps)
+            inverse1, inverse2 = (c.to(dtype) for c in corrections[j])
+            u = (m * inverse1) / (v.sqrt() * inverse2 + group.eps)
         else:
             u = m / (v.sqrt() + group.eps)
         if _decays_update(group):
@@ -402,19 +402,20 @@ def _single_tensor_directions(group: LambGroup, index: list[int], clip: Tensor |
 
 
 def _bias_corrections(group: LambGroup, index: list[int]) -> list[tuple[Tensor, Tensor]]:
-    """``(1 - beta1^k, sqrt(1 - beta2^k))`` of each tensor (``k`` its update count + 1), in
-    float64, computed for all tensors of a device at once: per tensor, Inductor inlines the
-    float64 ``pow`` into every element's loop (a compiled LAMB step 2.7x slower on CPU)."""
+    """``(1 / (1 - beta1^k), 1 / sqrt(1 - beta2^k))`` of each tensor (``k`` its update count
+    + 1), in float64, computed for all tensors of a device at once: per tensor, Inductor inlines
+    the float64 ``pow`` into every element's loop (a compiled LAMB step 2.7x slower on CPU), and
+    an element then multiplies by them instead of dividing (compiled: 0.5-0.6x the time)."""
     by_device: dict[torch.device, list[int]] = {}
     for j, i in enumerate(index):
         by_device.setdefault(group.steps[i].device, []).append(j)
     corrections: list[tuple[Tensor, Tensor]] = [()] * len(index)  # type: ignore[list-item]
     for positions in by_device.values():
         k = torch.stack([group.steps[index[j]] for j in positions]).to(torch.float64) + 1.0
-        both = torch.stack([1.0 - group.beta1**k, (1.0 - group.beta2**k).sqrt()], dim=1)
+        both = torch.stack([1.0 / (1.0 - group.beta1**k), (1.0 - group.beta2**k).rsqrt()], dim=1)
         for j, pair in zip(positions, both.unbind(), strict=True):
-            bias1, bias2_sqrt = pair.unbind()
-            corrections[j] = (bias1, bias2_sqrt)
+            inverse1, inverse2 = pair.unbind()
+            corrections[j] = (inverse1, inverse2)
     return corrections
 
 
