@@ -389,16 +389,25 @@ def _single_tensor_directions(group: LambGroup, index: list[int], clip: Tensor |
         m = group.exp_avgs[i].to(dtype)
         m = m.lerp(g, 1.0 - group.beta1) if group.grad_averaging else m * group.beta1 + g
         v = (group.exp_avg_sqs[i].to(dtype) * group.beta2).addcmul(g, g, value=1.0 - group.beta2)
-        if group.bias_correction:
-            inverse1, inverse2 = (c.to(dtype) for c in corrections[j])
-            u = (m * inverse1) / (v.sqrt() * inverse2 + group.eps)
-        else:
-            u = m / (v.sqrt() + group.eps)
-        if _decays_update(group):
-            u = u + w.to(dtype) * group.weight_decay
-        carry.append((m, v, u))
+        correction = corrections[j] if corrections else None
+        carry.append((m, v, _direction(group, m, v, w, correction), correction))
     dtype, device = accumulation_dtype(weights), weights[0].device
-    return Formed(*pair_norms(weights, [u for _, _, u in carry], dtype, device), carry)
+    return Formed(*pair_norms(weights, [u for _, _, u, _ in carry], dtype, device), carry)
+
+
+def _direction(
+    group: LambGroup, m: Tensor, v: Tensor, w: Tensor, correction: tuple[Tensor, Tensor] | None
+) -> Tensor:
+    """``u = m_hat / (sqrt(v_hat) + eps)``, plus ``weight_decay * w`` where the decay is not
+    decoupled, in the moments' dtype."""
+    if correction is not None:
+        inverse1, inverse2 = (c.to(m.dtype) for c in correction)
+        u = (m * inverse1) / (v.sqrt() * inverse2 + group.eps)
+    else:
+        u = m / (v.sqrt() + group.eps)
+    if _decays_update(group):
+        u = u + w.to(m.dtype) * group.weight_decay
+    return u
 
 
 def _bias_corrections(group: LambGroup, index: list[int]) -> list[tuple[Tensor, Tensor]]:
@@ -422,13 +431,19 @@ def _bias_corrections(group: LambGroup, index: list[int]) -> list[tuple[Tensor, 
 def _single_tensor_apply(
     group: LambGroup,
     index: list[int],
-    carry: list[tuple[Tensor, Tensor, Tensor]],
+    carry: list[tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor] | None]],
     scale: Tensor | None,
     skipped: Tensor,
 ) -> None:
-    """Commit the moments and ``w -= lr s u`` (after the decoupled decay), unless skipped."""
-    for k, (i, (m, v, u)) in enumerate(zip(index, carry, strict=True)):
+    """Commit the moments and ``w -= lr s u`` (after the decoupled decay), unless skipped.
+
+    Compiled, ``u`` is formed again from the moments (the same bits): carried over, Inductor
+    writes it out in the norms' pass and reads it back here, two more passes over memory than
+    one pass that commits the moments and the weight together."""
+    for k, (i, (m, v, u, correction)) in enumerate(zip(index, carry, strict=True)):
         w = group.weights[i]
+        if torch.compiler.is_compiling():
+            u = _direction(group, m, v, w, correction)
         keep = skipped.to(w.device)
         group.exp_avgs[i].copy_(torch.where(keep, group.exp_avgs[i], m))
         group.exp_avg_sqs[i].copy_(torch.where(keep, group.exp_avg_sqs[i], v))
