@@ -418,14 +418,16 @@ def _bias_corrections(group: LambGroup, index: list[int]) -> list[tuple[Tensor, 
     by_device: dict[torch.device, list[int]] = {}
     for j, i in enumerate(index):
         by_device.setdefault(group.steps[i].device, []).append(j)
-    corrections: list[tuple[Tensor, Tensor]] = [()] * len(index)  # type: ignore[list-item]
+    corrections: dict[int, tuple[Tensor, Tensor]] = {}
     for positions in by_device.values():
         k = torch.stack([group.steps[index[j]] for j in positions]).to(torch.float64) + 1.0
+        # One stacked tensor, which Inductor computes once (two separate ones it inlines into
+        # every element's loop again: 3x the compiled step's time).
         both = torch.stack([1.0 / (1.0 - group.beta1**k), (1.0 - group.beta2**k).rsqrt()], dim=1)
         for j, pair in zip(positions, both.unbind(), strict=True):
             inverse1, inverse2 = pair.unbind()
             corrections[j] = (inverse1, inverse2)
-    return corrections
+    return [corrections[j] for j in range(len(index))]
 
 
 def _single_tensor_apply(
