@@ -130,23 +130,28 @@ def test_the_family_with_a_warmup_and_cosine_through_a_trainer(
     assert applied[-1] < 0.05
 
 
+def _warmup_cosine(optimizer: str, **options: bool) -> TVLARSConfig:
+    """A warm-up and cosine annealing with the fitted phase, for the tensor-rate paths' tests."""
+    return TVLARSConfig(
+        optimizer=optimizer,  # type: ignore[arg-type]
+        lr=0.2,
+        base_batch_size=32,
+        warmup_fraction=0.25,
+        lr_schedule="cosine",
+        **options,
+    )
+
+
 @pytest.mark.parametrize("optimizer", ["lars", "lamb"])
 def test_compiled_compiles_the_update_once_under_a_trainer(tmp_path: Path, optimizer: str) -> None:
     """``TVLARSConfig(compiled=True)`` through a real Trainer (warm-up, cosine, a fitted phase):
     Lightning's closure (forward and backward) runs eagerly inside ``step``, the update is
     compiled once for the whole fit (an error on any recompilation), and the weights and the
     applied rates are those of the eager capturable step."""
-    config = {
-        "optimizer": optimizer,
-        "lr": 0.2,
-        "base_batch_size": 32,
-        "warmup_fraction": 0.25,
-        "lr_schedule": "cosine",
-    }
     runs = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        tvlars = TVLARSConfig(**config, capturable=True, compiled=compiled)  # type: ignore[arg-type]
+        tvlars = _warmup_cosine(optimizer, capturable=True, compiled=compiled)
         model = TinyRegressor(tvlars, batch_size=32, deterministic_sampler=True)
         record = Record()
         trainer = _trainer(tmp_path, max_epochs=2, callbacks=[record])
@@ -174,17 +179,10 @@ def test_capturable_applies_the_scheduled_rate_and_phase_as_the_float_path(
     a phase fitted to the run): t, the rate and phi on the device, the rate tensors filled in
     place by the scheduler Lightning steps; every step applies exactly the scheduled rate and
     phi, the weights and the monitor's metrics are those of the float path."""
-    config = {
-        "optimizer": optimizer,
-        "lr": 0.2,
-        "base_batch_size": 32,
-        "warmup_fraction": 0.25,
-        "lr_schedule": "cosine",
-    }
     runs = {}
     for capturable in (False, True):
         torch.manual_seed(0)
-        tvlars = TVLARSConfig(**config, capturable=capturable)  # type: ignore[arg-type]
+        tvlars = _warmup_cosine(optimizer, capturable=capturable)
         model = TinyRegressor(tvlars, batch_size=32, deterministic_sampler=True, double=True)
         record, logger = Record(), CSVLogger(tmp_path, name=str(capturable))
         monitor = TVLARSMonitor(per_layer=False)
