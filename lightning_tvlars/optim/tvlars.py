@@ -109,7 +109,7 @@ class TVLARS(LayerwiseOptimizer):
             few scalar kernels per step; see "Capturable step and CUDA graphs" in the docs.
         compiled: run the update (everything but the closure) compiled by
             ``torch.compile(fullgraph=True)``; implies ``capturable=True``, so that it compiles
-            once, on the first step (seconds to minutes, see "Compiled step" in the docs), and
+            once, on the first step (seconds to minutes, see "torch.compile?" in the FAQ), and
             never again while the rate and phi change. Where Lightning passes a closure to
             ``step`` (forward and backward), only the update is compiled. On one CPU thread
             the compiled step takes 0.6x the eager one's time. Refused with sharded parameters
