@@ -5,9 +5,10 @@ the ``OptimizerInfo`` inputs of ``common_optimizers.py``, the LR scheduler, SWA 
 tests) and from timm's: everything that applies to a third-party optimizer. Updates are
 checked against the independent float64 oracles of ``reference_impl.py``.
 
-Not ported, on purpose: complex and sparse parameters (refused), ``differentiable``,
-``capturable`` and ``fused`` (refused by name), LBFGS-style closures and the CUDA-only tests
-(``test_cuda.py``).
+Not ported, on purpose: complex and sparse parameters (refused), ``differentiable`` and
+``fused`` (refused by name), LBFGS-style closures and the CUDA-only tests (``test_cuda.py``).
+``capturable`` and ``compiled`` have their own tests (``test_capture.py``); the compiled update
+is checked on every layout here.
 """
 
 from __future__ import annotations
@@ -226,17 +227,26 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@PHASED
-@FOREACH
-@EACH
-def test_every_memory_layout_matches_the_reference(
-    info: Info, layout: str, foreach: bool | None, phased: bool
-) -> None:
-    case = LAYOUTS[layout]()
+def _merged(cases: list[Layout]) -> Layout:
+    """Every case's parameters in one list (the cases' gradients and bases alike)."""
+
+    def grads(step: int) -> tuple[list[Tensor], list[Tensor]]:
+        pairs = [case.grads(step) for case in cases]
+        return [g for gs, _ in pairs for g in gs], [o for _, os in pairs for o in os]
+
+    def views() -> list[Tensor]:  # a case without bases: its parameters stand for themselves
+        return [v for case in cases for v in (case.views_of_bases() or case.params)]
+
+    params = [p for case in cases for p in case.params]
+    return Layout(params, [o for case in cases for o in case.outside], grads, views)
+
+
+def _check_layout(info: Info, case: Layout, phased: bool, **options: Any) -> Any:
+    """Four steps against the oracle; nothing outside the tensors written; updated in place;
+    the state laid out like the parameters."""
     outside_before = [o.clone() for o in case.outside]
     ptrs = [p.data_ptr() for p in case.params]
-    opt = info.build(info.two_groups(case.params), phased=phased, foreach=foreach)
+    opt = info.build(info.two_groups(case.params), phased=phased, **options)
     oracle = info.oracle(opt, phased)
     for step in range(4):
         grads, grad_outside = case.grads(step)
@@ -262,6 +272,29 @@ def test_every_memory_layout_matches_the_reference(
                 assert state.shape == p.shape and state.dtype == p.dtype
                 if workspace.is_dense(p):  # laid out like the parameter where it can be
                     assert state.stride() == p.stride()
+    return opt
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@PHASED
+@FOREACH
+@EACH
+def test_every_memory_layout_matches_the_reference(
+    info: Info, layout: str, foreach: bool | None, phased: bool
+) -> None:
+    _check_layout(info, LAYOUTS[layout](), phased, foreach=foreach)
+
+
+@PHASED
+@EACH
+def test_the_compiled_update_matches_the_reference_on_every_layout(
+    info: Info, phased: bool
+) -> None:
+    """``compiled=True`` (the elementwise path, fused by Inductor) on all the layouts at once:
+    one compilation per optimizer, the same checks as the eager paths."""
+    case = _merged([build() for build in LAYOUTS.values()])
+    opt = _check_layout(info, case, phased, compiled=True)
+    assert opt._compiled_update is not None  # the steps ran compiled
 
 
 @pytest.mark.parametrize("cpu_batch", [1000, 1 << 20], ids=["pieces", "one-batch"])
