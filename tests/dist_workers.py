@@ -252,7 +252,7 @@ def _fsdp2(rank: int, world: int, mesh_shape: tuple[int, ...], out: str) -> None
     else:
         raise AssertionError("norms of local shards passed the comparison: it cannot fail")
     try:  # the compiled update is refused: its collectives would not be compiled
-        TVLARS(model.parameters(), lr=1.0, compiled=True).step()
+        TVLARS(model.parameters(), lr=1.0, compiled=True)  # refused when built
         compiled_refused = False
     except ValueError as err:
         compiled_refused = "compiled=True is not supported with sharded parameters" in str(err)

@@ -11,6 +11,8 @@ functional update.
 
 from __future__ import annotations
 
+import types
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, NamedTuple
 
@@ -80,6 +82,8 @@ class LayerwiseOptimizer(Optimizer):
         for name, value in (("capturable", capturable), ("compiled", compiled)):
             if not isinstance(value, bool):
                 raise TypeError(f"{name}={value!r} is invalid: expected True or False")
+        if (capturable or compiled) and phase is not None and not hasattr(phase, "tensor"):
+            raise TypeError(_host_phase_message(phase))
         self.phase = phase
         #: t, the learning rates and phi(t) live on the device (see the subclasses' docstrings).
         self.capturable = capturable or compiled
@@ -121,6 +125,13 @@ class LayerwiseOptimizer(Optimizer):
                 f"foreach={group['foreach']!r} is invalid: expected None, True or False"
             )
         for p in group["params"]:
+            if self.compiled and (is_dtensor(p) or getattr(p, "_fsdp_flattened", False)):
+                raise ValueError(
+                    "compiled=True is not supported with sharded parameters (DTensor, FSDP): "
+                    "the norms' collectives are not compiled; use "
+                    f"{type(self).__name__}(..., compiled=False), the eager step, which is exact "
+                    "under sharding"
+                )
             if is_flat_parameter(p):
                 raise ValueError(
                     "FSDP1 FlatParameters are not supported: each one concatenates several "
@@ -157,8 +168,9 @@ class LayerwiseOptimizer(Optimizer):
         device = _device_of(group["params"])
         if self.capturable and lr.device != device:
             raise ValueError(
-                f"lr on {lr.device} is invalid with capturable=True: expected a tensor on the "
-                f"parameters' device {device} (a CUDA graph reads it there), or a float"
+                f"lr on {lr.device} is invalid with capturable=True or compiled=True: "
+                f"expected a tensor on the parameters' device {device} (a CUDA graph reads it "
+                "there), or a float"
             )
         return _static(lr) if self.capturable else lr
 
@@ -206,6 +218,11 @@ class LayerwiseOptimizer(Optimizer):
             group.setdefault("foreach", None)
             for key in self.OPTIONS:  # checkpoints written before an option existed
                 group.setdefault(key, self.defaults[key])
+            if self.capturable:  # a float rate of an eager run's checkpoint: on the device
+                lr = group["lr"]
+                if isinstance(lr, Tensor):  # where a checkpoint's map_location put it
+                    group["lr"] = lr.to(_device_of(group["params"]))
+                group["lr"] = self._checked_lr(group)
         if self.param_groups:  # one shared counter, kept as this optimizer keeps it
             step = self._clock_value(self.param_groups[0].get("step", 0))
             for group in self.param_groups:
@@ -303,17 +320,32 @@ class LayerwiseOptimizer(Optimizer):
         if not self.compiled or torch.compiler.is_compiling():
             self._update()
             return loss
+        self._check_compilable()
         if self._compiled_update is None:
-            if self._sharded():
-                raise ValueError(
-                    "compiled=True is not supported with sharded parameters (DTensor, FSDP): "
-                    "the norms' collectives are not compiled; use "
-                    f"{type(self).__name__}(..., compiled=False), the eager step, which is exact "
-                    "under sharding"
-                )
-            self._compiled_update = torch.compile(self._update, fullgraph=True)
-        self._compiled_update()
+            self._compiled_update = torch.compile(_own_code(self._update), fullgraph=True)
+        try:
+            self._compiled_update()
+        except torch._dynamo.exc.FailOnRecompileLimitHit:  # raised before anything ran
+            warnings.warn(
+                f"{type(self).__name__}(compiled=True): the update reached torch's recompile "
+                f"limit ({torch._dynamo.config.recompile_limit} compilations), each one made "
+                "because something it reads had changed (a float written into a group's lr, "
+                "weight_decay, momentum or betas, a new phase, which parameters have "
+                "gradients); compiling afresh. Each compilation takes seconds: keep those "
+                "fixed between steps (schedulers write tensor rates in place)",
+                stacklevel=2,
+            )
+            self._compiled_update = torch.compile(_own_code(self._update), fullgraph=True)
+            self._compiled_update()
         return loss
+
+    def _check_compilable(self) -> None:
+        """Refuse, before tracing, what the compiled update would stop on (raised while
+        Dynamo traces, the error would reach the user as Dynamo's, not as this one)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise TypeError(f"{type(self).__name__} does not support sparse gradients")
 
     def _update(self) -> None:
         """Update every parameter with a gradient (the subclass's functional update)."""
@@ -386,12 +418,8 @@ class LayerwiseOptimizer(Optimizer):
         t = self.param_groups[0]["step"]
         evaluate = getattr(self.phase, "tensor", None)
         if isinstance(t, Tensor):
-            if evaluate is None:
-                raise TypeError(
-                    f"phase={self.phase!r} is invalid with capturable=True: expected a phase "
-                    "evaluated on the device (SigmoidPhase, or an object with a "
-                    "tensor(step) -> Tensor method); a callable step -> float needs t on the host"
-                )
+            if evaluate is None:  # a phase set after construction
+                raise TypeError(_host_phase_message(self.phase))
             return evaluate(t)
         if evaluate is not None and torch.compiler.is_compiling():
             return evaluate(torch.scalar_tensor(t, device=device))
@@ -421,6 +449,33 @@ class LayerwiseOptimizer(Optimizer):
             return None
         with torch.enable_grad():
             return closure()
+
+
+def _host_phase_message(phase: object) -> str:
+    return (
+        f"phase={phase!r} is invalid with capturable=True or compiled=True: expected a phase "
+        "evaluated on the device (SigmoidPhase, or an object with a tensor(step) -> Tensor "
+        "method); a callable step -> float needs t on the host"
+    )
+
+
+def _own_code(method: Callable[[], None]) -> Callable[[], None]:
+    """``method`` bound to the same object, its function's code object a copy of its own.
+
+    Dynamo keeps compiled graphs on the code object, guarded on ``self``: with the class's
+    code, every optimizer in a process would add a compilation to one cache, and past torch's
+    recompile limit the next would fail under ``fullgraph=True``.
+    """
+    function = method.__func__  # type: ignore[attr-defined]
+    clone = types.FunctionType(
+        function.__code__.replace(),
+        function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+    clone.__qualname__ = function.__qualname__
+    return types.MethodType(clone, method.__self__)  # type: ignore[attr-defined]
 
 
 def _static(t: Tensor) -> Tensor:

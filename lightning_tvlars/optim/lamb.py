@@ -423,7 +423,15 @@ def _bias_corrections(group: LambGroup, index: list[int]) -> list[tuple[Tensor, 
         k = torch.stack([group.steps[index[j]] for j in positions]).to(torch.float64) + 1.0
         # One stacked tensor, which Inductor computes once (two separate ones it inlines into
         # every element's loop again: 3x the compiled step's time).
-        both = torch.stack([1.0 / (1.0 - group.beta1**k), (1.0 - group.beta2**k).rsqrt()], dim=1)
+        if torch.compiler.is_compiling():
+            # The betas as a tensor, so that they are constants of the graph: a scheduler that
+            # changes them (OneCycleLR's momentum cycling) recompiles it. Passed as symbolic
+            # floats instead, beta ** k kept the first call's value (Inductor, torch 2.14).
+            betas = torch.tensor([group.beta1, group.beta2], dtype=k.dtype, device=k.device)
+            powers = betas ** k.unsqueeze(1)
+        else:
+            powers = torch.stack([group.beta1**k, group.beta2**k], dim=1)
+        both = torch.stack([1.0 / (1.0 - powers[:, 0]), (1.0 - powers[:, 1]).rsqrt()], dim=1)
         for j, pair in zip(positions, both.unbind(), strict=True):
             inverse1, inverse2 = pair.unbind()
             corrections[j] = (inverse1, inverse2)

@@ -109,11 +109,11 @@ class TVLARS(LayerwiseOptimizer):
             few scalar kernels per step; see "Capturable step and CUDA graphs" in the docs.
         compiled: run the update (everything but the closure) compiled by
             ``torch.compile(fullgraph=True)``; implies ``capturable=True``, so that it compiles
-            once, on the first step (seconds to minutes, see "torch.compile?" in the FAQ), and
-            never again while the rate and phi change. Where Lightning passes a closure to
-            ``step`` (forward and backward), only the update is compiled. On one CPU thread
-            the compiled step takes 0.6x the eager one's time. Refused with sharded parameters
-            (FSDP, DTensor), whose norms need collectives: DDP is fine.
+            once, on the first step (seconds to minutes, see "torch.compile?" in the FAQ, which
+            lists what compiles it again), not when the rate and phi change. Where Lightning
+            passes a closure to ``step`` (forward and backward), only the update is compiled.
+            On one CPU thread the compiled step takes 0.6x the eager one's time. Refused with
+            sharded parameters (FSDP, DTensor), whose norms need collectives: DDP is fine.
 
     The step count t is stored in every parameter group (``group["step"]``), so it travels with
     ``state_dict()`` under every checkpointing scheme and loads with

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 from typing import Any
 
 import pytest
@@ -121,7 +122,10 @@ def test_capturable_keeps_t_the_rates_and_phi_on_the_device(info: Info) -> None:
 def test_capturable_refuses_what_it_cannot_keep_on_the_device() -> None:
     w = nn.Parameter(torch.randn(3, 2))
     w.grad = torch.randn(3, 2)
-    opt = TVLARS([w], lr=0.5, capturable=True, phase=lambda t: 0.9**t)  # a host-only phase
+    with pytest.raises(TypeError, match=r"phase=.* is invalid with capturable=True"):
+        TVLARS([w], lr=0.5, capturable=True, phase=lambda t: 0.9**t)  # a host-only phase
+    opt = TVLARS([w], lr=0.5, capturable=True)
+    opt.phase = lambda t: 0.9**t  # installed later, as a scheduler installs its phase
     with pytest.raises(TypeError, match=r"phase=.* is invalid with capturable=True"):
         opt.step()
     meta = nn.Parameter(torch.randn(3, 2, device="meta"))
@@ -377,3 +381,131 @@ def test_compiled_true_under_a_grad_scaler_skips_on_the_device_as_eager() -> Non
     assert scalers[0].get_scale() == scalers[1].get_scale() == 512.0
     for a, b in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _tiny() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+
+
+def _grads(model: nn.Module, step: int) -> None:
+    gen = torch.Generator().manual_seed(step)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+@pytest.mark.timeout(600)
+def test_every_compiled_optimizer_has_its_own_compilations() -> None:
+    """Dynamo keeps compiled code per code object, guarded on ``self``: if all optimizers of a
+    class shared one, each new optimizer (a fold, a sweep, an LR finder and the fit) would add
+    a compilation to the others' until torch's recompile limit made the next one fail. With
+    the limit at 1: three in a row, each compiled once, no warning."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "compiling afresh"
+        for fold in range(3):
+            model = _tiny()
+            opt = TVLARS(param_groups(model, weight_decay=1e-3), lr=0.1, compiled=True)
+            for step in range(2):
+                _grads(model, step)
+                opt.step()
+            assert opt.step_count == 2, fold
+
+
+@pytest.mark.timeout(600)
+def test_compiled_true_compiles_afresh_with_a_warning_past_the_recompile_limit() -> None:
+    """A float written into a group's rate by hand (not in place) changes what the compiled
+    update reads: past torch's recompile limit the step warns and compiles afresh instead of
+    failing, and steps as the eager one does."""
+    torch.manual_seed(0)
+    eager_model = _tiny()
+    compiled_model = copy.deepcopy(eager_model)
+    eager = TVLARS(param_groups(eager_model, weight_decay=1e-3), lr=0.1)
+    held = TVLARS(param_groups(compiled_model, weight_decay=1e-3), lr=0.1, compiled=True)
+    torch._dynamo.reset()
+    with (
+        torch._dynamo.config.patch(recompile_limit=1),
+        pytest.warns(UserWarning, match=r"TVLARS\(compiled=True\): the update reached torch's"),
+    ):
+        for step, rate in enumerate(RATES):
+            for model, opt in ((eager_model, eager), (compiled_model, held)):
+                _grads(model, step)
+                for group in opt.param_groups:
+                    group["lr"] = rate  # a float, replacing the tensor
+                opt.step()
+    assert held.step_count == len(RATES)
+    for a, b in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(600)
+def test_compiled_lamb_follows_betas_changed_by_one_cycle_lr() -> None:
+    """OneCycleLR cycles LAMB's beta1 every step (``cycle_momentum``): the compiled update is
+    recompiled for each new value and steps as the eager one does (with the betas as symbolic
+    floats, Inductor computed ``beta1 ** k`` with the first value); past the recompile limit it
+    warns and compiles afresh."""
+    torch.manual_seed(0)
+    eager_model = _tiny()
+    compiled_model = copy.deepcopy(eager_model)
+    eager = LAMB(eager_model.parameters(), lr=0.1)
+    held = LAMB(compiled_model.parameters(), lr=0.1, compiled=True)
+    scheds = [
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=30)
+        for opt in (eager, held)
+    ]
+    torch._dynamo.reset()
+    betas = set()
+    with (
+        torch._dynamo.config.patch(recompile_limit=3),
+        pytest.warns(UserWarning, match=r"LAMB\(compiled=True\): the update reached torch's"),
+    ):
+        for step in range(5):
+            pairs = zip((eager_model, compiled_model), (eager, held), scheds, strict=True)
+            for model, opt, sched in pairs:
+                _grads(model, step)
+                opt.step()
+                sched.step()
+            betas.add(held.param_groups[0]["betas"][0])
+            for a, b in zip(eager_model.parameters(), compiled_model.parameters(), strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+    assert len(betas) == 5
+
+
+@EACH
+def test_what_a_compiled_update_cannot_run_is_refused_before_tracing(info: Info) -> None:
+    """Refused with the package's error, not Dynamo's from inside a trace: a host-only phase
+    (when built), sharded parameters (when built or added), sparse gradients (at the step,
+    before the closure's result is used)."""
+    w = nn.Parameter(torch.randn(3, 2))
+    with pytest.raises(TypeError, match=r"invalid with capturable=True or compiled=True"):
+        info.cls([w], lr=0.1, compiled=True, phase=lambda t: 0.99**t)
+    shard = nn.Parameter(torch.randn(3, 2))
+    shard._fsdp_flattened = True  # type: ignore[attr-defined]  # as FSDP1 marks its views
+    with pytest.raises(ValueError, match="compiled=True is not supported with sharded"):
+        info.build([shard], compiled=True)
+    opt = info.build([w], compiled=True)
+    with pytest.raises(ValueError, match="compiled=True is not supported with sharded"):
+        opt.add_param_group({"params": [shard]})
+    w.grad = torch.randn(3, 2).to_sparse()
+    with pytest.raises(TypeError, match="does not support sparse gradients"):
+        opt.step()
+
+
+@EACH
+def test_an_eager_checkpoint_loads_into_a_capturable_optimizer_with_device_rates(
+    info: Info,
+) -> None:
+    """Resuming an eager run with ``capturable``/``compiled`` on: the checkpoint's float rates
+    become device tensors (a float would be baked into a CUDA graph or recompile a compiled
+    update at every change), and a scheduler then writes them in place."""
+    params = _params()
+    eager = _build(info, params, 0.5)
+    set_grads(params, 0)
+    eager.step()
+    held = _build(info, [nn.Parameter(p.detach().clone()) for p in params], 0.5, compiled=True)
+    held.load_state_dict(eager.state_dict())
+    rates = [group["lr"] for group in held.param_groups]
+    assert all(isinstance(r, Tensor) and r.ndim == 0 for r in rates)
+    assert [float(r) for r in rates] == [g["lr"] for g in eager.param_groups]
+    torch.optim.lr_scheduler.LambdaLR(held, lambda t: 0.5)  # writes the first rate
+    assert all(group["lr"] is r for group, r in zip(held.param_groups, rates, strict=True))
+    assert float(rates[0]) == pytest.approx(eager.param_groups[0]["lr"] / 2)  # filled in place
