@@ -519,6 +519,7 @@ def plot_accuracy(preset: Preset, all_cells: Sequence[Cell], path: Path) -> None
         ax.set_xscale("log", base=2)
         sizes = preset.batch_sizes[task]
         ax.set_xticks(list(sizes), [str(b) for b in sizes])
+        ax.set_xlim(min(sizes) / 1.25, max(sizes) * 1.25)  # room for the offset bars
         ax.set_xlabel("batch size")
         ax.set_ylabel("test accuracy (%), mean and 95% CI")
         ax.set_title(TASK_TITLES[task])
