@@ -333,7 +333,7 @@ class LayerwiseOptimizer(Optimizer):
                 "weight_decay, momentum or betas, a new phase, which parameters have "
                 "gradients); compiling afresh. Each compilation takes seconds: keep those "
                 "fixed between steps (schedulers write tensor rates in place)",
-                stacklevel=2,
+                stacklevel=4,  # the caller of optimizer.step (past torch's two wrappers)
             )
             self._compiled_update = torch.compile(_own_code(self._update), fullgraph=True)
             self._compiled_update()
