@@ -397,7 +397,8 @@ def build(
 def describe_plan(scheduler: TVLARSScheduler, facts: RunFacts) -> str:
     """The one-line log of a new schedule: the effective batch, the learning rate, the plan."""
     return (
-        f"TVLARS: effective batch size {facts.effective_batch_size} = "
+        f"{type(scheduler.optimizer).__name__}: effective batch size "
+        f"{facts.effective_batch_size} = "
         f"{facts.per_device_batch_size} per device x {facts.replicas} data-parallel replica(s) x "
         f"{facts.accumulation} accumulated batch(es); {scheduler.describe_lr()}. "
         f"Plan: {scheduler.describe()}."

@@ -105,7 +105,8 @@ class ScheduleSync(pl.Callback):
         """Log (once) and clear what the scheduler re-planned; ``reason`` follows the length."""
         for change in scheduler.changes:
             why = f" ({reason})" if reason and change.startswith("run length") else ""
-            rank_zero_info(f"TVLARS re-planned: {change}{why}.")
+            name = type(scheduler.optimizer).__name__  # TVLARS or LAMB
+            rank_zero_info(f"{name} re-planned: {change}{why}.")
         scheduler.changes.clear()
 
     def _replan(self, followed: _Followed, facts: RunFacts, reason: str | None = None) -> None:
@@ -223,7 +224,8 @@ class ScheduleSync(pl.Callback):
         followed.warned_length = True
         if followed.config.total_steps is None:
             rank_zero_warn(
-                f"TVLARS: the training data changed length between epochs ({before:g} -> "
+                f"{followed.config.optimizer_class.__name__}: the training data changed "
+                f"length between epochs ({before:g} -> "
                 f"{length:g} batches): the plan assumes every later epoch has the current "
                 "length. If it keeps changing, state the run's length in optimizer steps: "
                 "TVLARSConfig(total_steps=...) (--model.tvlars.total_steps)."
@@ -273,9 +275,10 @@ def _refuse_second_schedulers(trainer: pl.Trainer, schedulers: list[TVLARSSchedu
 def _summary(scheduler: TVLARSScheduler) -> str:
     """The end of a fit: the last step's phase and learning rate against the plan."""
     plan, last = scheduler.plan, scheduler.clock - 1
+    name = type(scheduler.optimizer).__name__  # TVLARS or LAMB
     if last < 0:
-        return "TVLARS: no optimizer step was taken."
-    parts = [f"TVLARS: the fit ended after step {last}"]
+        return f"{name}: no optimizer step was taken."
+    parts = [f"{name}: the fit ended after step {last}"]
     if plan.phase is not None:
         phi = f"phi {plan.phase(last):.4g}"
         if plan.total_steps is not None:

@@ -489,3 +489,14 @@ def test_a_second_fit_with_a_new_trainer_says_the_schedule_starts_again(
         cpu_trainer(tmp_path, max_steps=8, callbacks=[record]).fit(model)
     assert [m.endswith(note) for m in _messages(caplog, "TVLARS: effective")] == [False, True]
     assert record.phases()[0] == pytest.approx(model.tvlars_plan.phase(0))  # from step 0 again
+
+
+def test_a_lamb_run_speaks_of_lamb(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The plan and the end-of-fit summary name the optimizer the run uses."""
+    model = TinyRegressor(TVLARSConfig(optimizer="lamb", lr=0.01))
+    with caplog.at_level(logging.INFO, logger=RANK_ZERO):
+        cpu_trainer(tmp_path, max_steps=4).fit(model)
+    (plan,) = _messages(caplog, "LAMB: effective batch size 16 = 16 per device")
+    assert "Plan: 4 steps, constant LR, phase SigmoidPhase(" in plan
+    assert len(_messages(caplog, "LAMB: the fit ended after step 3")) == 1
+    assert not _messages(caplog, "TVLARS")
