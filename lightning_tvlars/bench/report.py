@@ -642,8 +642,9 @@ def write_report(
         "",
         f"Reproduce: `{command}` (resumable: raw rows in `{stem}.csv`, one per run).",
         "",
-        f"Environment: {environment}. Sum of run wall times: {wall / 60:.0f} min over "
-        f"{len(rows)} runs. Code: {', '.join(versions) or 'n/a'} (`code_version` of the rows).",
+        f"Environment of the process that wrote this report: {environment}. Sum of run wall "
+        f"times: {wall / 60:.0f} min over {len(rows)} runs. Code of the runs: "
+        f"{', '.join(versions) or 'n/a'} (`code_version` of the rows).",
         "",
         "## Completeness",
         "",

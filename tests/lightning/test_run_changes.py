@@ -279,8 +279,9 @@ def test_resume_into_a_longer_run_continues_the_warmup_and_cosine_without_a_jump
     plan = second.tvlars_plan
     assert plan.total_steps == 32 and plan.warmup_steps == (8 if stop == 2 else 4)
     warmup = ", warm-up continues to step 8" if stop == 2 else ""
+    optimizer = "LAMB" if name.startswith("lamb") else "TVLARS"  # the run names its optimizer
     line = (
-        f"TVLARS re-planned: run length 16 -> 32 optimizer steps at step {stop}: no phase"
+        f"{optimizer} re-planned: run length 16 -> 32 optimizer steps at step {stop}: no phase"
         f"{warmup}, cosine continues to the new end."
     )
     assert [r.message for r in caplog.records].count(line) == 1
