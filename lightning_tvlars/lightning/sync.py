@@ -103,9 +103,9 @@ class ScheduleSync(pl.Callback):
     @staticmethod
     def _log_changes(scheduler: TVLARSScheduler, reason: str | None = None) -> None:
         """Log (once) and clear what the scheduler re-planned; ``reason`` follows the length."""
+        name = type(scheduler.optimizer).__name__  # TVLARS or LAMB
         for change in scheduler.changes:
             why = f" ({reason})" if reason and change.startswith("run length") else ""
-            name = type(scheduler.optimizer).__name__  # TVLARS or LAMB
             rank_zero_info(f"{name} re-planned: {change}{why}.")
         scheduler.changes.clear()
 
@@ -224,7 +224,7 @@ class ScheduleSync(pl.Callback):
         followed.warned_length = True
         if followed.config.total_steps is None:
             rank_zero_warn(
-                f"{followed.config.optimizer_class.__name__}: the training data changed "
+                f"{type(followed.scheduler.optimizer).__name__}: the training data changed "
                 f"length between epochs ({before:g} -> "
                 f"{length:g} batches): the plan assumes every later epoch has the current "
                 "length. If it keeps changing, state the run's length in optimizer steps: "

@@ -125,7 +125,7 @@ class LayerwiseOptimizer(Optimizer):
                 f"foreach={group['foreach']!r} is invalid: expected None, True or False"
             )
         for p in group["params"]:
-            if self.compiled and (is_dtensor(p) or getattr(p, "_fsdp_flattened", False)):
+            if self.compiled and _is_shard(p):
                 raise ValueError(
                     "compiled=True is not supported with sharded parameters (DTensor, FSDP): "
                     "the norms' collectives are not compiled; use "
@@ -241,11 +241,7 @@ class LayerwiseOptimizer(Optimizer):
 
     def _sharded(self) -> bool:
         """Whether any parameter is a shard (DTensor, an FSDP1 view)."""
-        return any(
-            is_dtensor(p) or getattr(p, "_fsdp_flattened", False)
-            for group in self.param_groups
-            for p in group["params"]
-        )
+        return any(_is_shard(p) for group in self.param_groups for p in group["params"])
 
     # ------------------------------------------------------------------ sharding
 
@@ -320,9 +316,11 @@ class LayerwiseOptimizer(Optimizer):
         if not self.compiled or torch.compiler.is_compiling():
             self._update()
             return loss
-        self._check_compilable()
+        for group in self.param_groups:  # refused here: raised while tracing, Dynamo's error
+            for p in group["params"]:
+                self._refuse_sparse(p.grad)
         if self._compiled_update is None:
-            self._compiled_update = torch.compile(_own_code(self._update), fullgraph=True)
+            self._compiled_update = self._compile_update()
         try:
             self._compiled_update()
         except torch._dynamo.exc.FailOnRecompileLimitHit:  # raised before anything ran
@@ -335,17 +333,18 @@ class LayerwiseOptimizer(Optimizer):
                 "fixed between steps (schedulers write tensor rates in place)",
                 stacklevel=4,  # the caller of optimizer.step (past torch's two wrappers)
             )
-            self._compiled_update = torch.compile(_own_code(self._update), fullgraph=True)
+            self._compiled_update = self._compile_update()
             self._compiled_update()
         return loss
 
-    def _check_compilable(self) -> None:
-        """Refuse, before tracing, what the compiled update would stop on (raised while
-        Dynamo traces, the error would reach the user as Dynamo's, not as this one)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+    def _compile_update(self) -> Callable[[], None]:
+        """The update compiled with a code object of this optimizer's own (see
+        :func:`_own_code`)."""
+        return torch.compile(_own_code(self._update), fullgraph=True)
+
+    def _refuse_sparse(self, grad: Tensor | None) -> None:
+        if grad is not None and grad.is_sparse:
+            raise TypeError(f"{type(self).__name__} does not support sparse gradients")
 
     def _update(self) -> None:
         """Update every parameter with a gradient (the subclass's functional update)."""
@@ -384,8 +383,7 @@ class LayerwiseOptimizer(Optimizer):
                     # FSDP1 leaves grad None where this rank's shard of p is empty: keep the
                     # list identical on all ranks so that the norm reduction matches everywhere.
                     grad = torch.zeros_like(local_tensor(p))
-                if grad.is_sparse:
-                    raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+                self._refuse_sparse(grad)
                 tensors.params.append(p)
                 tensors.weights.append(local_tensor(p))
                 tensors.grads.append(grad)
@@ -449,6 +447,11 @@ class LayerwiseOptimizer(Optimizer):
             return None
         with torch.enable_grad():
             return closure()
+
+
+def _is_shard(p: Tensor) -> bool:
+    """Whether ``p`` is a shard of a parameter (a DTensor, an FSDP1 view)."""
+    return is_dtensor(p) or getattr(p, "_fsdp_flattened", False)
 
 
 def _host_phase_message(phase: object) -> str:
