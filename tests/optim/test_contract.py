@@ -1434,3 +1434,16 @@ def test_stats_do_not_keep_gradients_alive(info: Info) -> None:
     del g
     gc.collect()
     assert ref() is None
+
+
+@FOREACH
+@EACH
+def test_a_sparse_gradient_is_refused_naming_the_optimizer(
+    info: Info, foreach: bool | None
+) -> None:
+    w = nn.Parameter(torch.randn(3, 2))
+    opt = info.build([w], foreach=foreach)
+    w.grad = torch.randn(3, 2).to_sparse()
+    with pytest.raises(TypeError, match=rf"{info.name} does not support sparse gradients"):
+        opt.step()
+    assert opt.step_count == 0
